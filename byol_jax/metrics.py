@@ -1,0 +1,77 @@
+"""Training metrics: a progress line (step, images/s, ETA), JSONL and TensorBoard event files.
+
+TensorBoard files are written with the `tensorboard` package's own writer, so no TensorFlow
+is needed here. Only process 0 writes (multi-host runs call this on every process).
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class MetricWriter:
+  """Writes one JSON object per log step to `workdir/metrics.jsonl` and TensorBoard events."""
+
+  def __init__(self, workdir: str, total_steps: int, images_per_step: int,
+               filename: str = 'metrics.jsonl'):
+    self.total_steps, self.images_per_step = total_steps, images_per_step
+    self.enabled = jax.process_index() == 0
+    self._last_time, self._last_step = None, None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, filename), 'a')
+      self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+
+  def start(self, step: int):
+    """Marks the clock at `step` so the first images/s is not polluted by compilation."""
+    self._last_time, self._last_step = time.time(), step
+
+  def write(self, step: int, metrics: dict, prefix: str = '') -> dict:
+    """Adds images/s since the last call and writes; returns the scalars written."""
+    now = time.time()
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    if self._last_time is not None and step > self._last_step:
+      steps = step - self._last_step
+      seconds = max(now - self._last_time, 1e-9)
+      scalars['images_per_s'] = steps * self.images_per_step / seconds
+      scalars['eta_s'] = (self.total_steps - step) * seconds / steps
+    self._last_time, self._last_step = now, step
+    if self.enabled:
+      record = {'step': int(step), **{prefix + k: v for k, v in scalars.items()}}
+      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.flush()
+      summary = summary_pb2.Summary(value=[
+          summary_pb2.Summary.Value(tag=prefix + k, simple_value=v)
+          for k, v in scalars.items() if math.isfinite(v)])
+      self._events.add_event(event_pb2.Event(wall_time=now, step=int(step), summary=summary))
+      self._events.flush()
+      print(self.progress_line(step, scalars), flush=True)
+    return scalars
+
+  def progress_line(self, step: int, scalars: dict) -> str:
+    parts = [f'step {step}/{self.total_steps}']
+    for key in ('loss', 'repr_loss', 'top1', 'collapse', 'tau', 'learning_rate'):
+      if key in scalars:
+        parts.append(f'{key} {scalars[key]:.4g}')
+    if 'images_per_s' in scalars:
+      parts.append(f'{scalars["images_per_s"]:.1f} img/s')
+      parts.append(f'ETA {_format_seconds(scalars["eta_s"])}')
+    return ' | '.join(parts)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._events.close()
