@@ -1,0 +1,178 @@
+"""The BYOL step: loss formula, EMA outside the gradient, stop-gradients, 1 vs 2 devices."""
+
+import byol  # configs/byol.py (conftest puts configs/ on the path).
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from byol_jax import byol_experiment, parallel
+
+
+def _config(optimizer='lars', batch_size=8):
+  config = byol.get_config('demo')
+  with config.unlocked():
+    config.model.encoder = 'tiny'
+    config.model.projector_hidden_size = 32
+    config.model.predictor_hidden_size = 32
+    config.model.projection_size = 16
+    config.batch_size = batch_size
+    config.max_steps = 10
+    config.optimizer.name = optimizer
+    config.optimizer.base_lr = 1.0
+    config.optimizer.warmup_steps = 0  # A non-zero LR from the first step.
+  return config
+
+
+def _batch(seed=0, n=8, size=8):
+  rng = np.random.RandomState(seed)
+  return dict(view1=rng.rand(n, size, size, 3).astype(np.float32),
+              view2=rng.rand(n, size, size, 3).astype(np.float32),
+              labels=rng.randint(0, 10, n).astype(np.int32))
+
+
+_STEPS = {}
+
+
+def _run(experiment, state, batch, devices):
+  mesh = parallel.make_mesh(jax.devices()[:devices])
+  key = (id(experiment), devices)  # One compilation per experiment and mesh.
+  if key not in _STEPS:
+    _STEPS[key] = parallel.map_step(experiment.train_step, mesh, donate_state=False)
+  step = _STEPS[key]
+  new_state, metrics = step(parallel.replicate(state, mesh), parallel.global_batch(batch, mesh))
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = _config()
+  experiment = byol_experiment.ByolExperiment(config, train_examples=80)
+  state = experiment.init(jax.random.PRNGKey(0), image_size=8)
+  return config, experiment, state
+
+
+def test_regression_loss_is_two_minus_two_cosine():
+  rng = np.random.RandomState(0)
+  x, y = rng.randn(5, 7), rng.randn(5, 7)
+  cos = np.sum(x * y, -1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+  np.testing.assert_allclose(byol_experiment.regression_loss(x, y), 2 - 2 * cos, rtol=1e-5)
+  # Scale invariance: only directions matter.
+  np.testing.assert_allclose(byol_experiment.regression_loss(3 * x, 0.1 * y), 2 - 2 * cos,
+                             rtol=1e-5)
+
+
+def test_online_and_target_start_from_different_keys(setup):
+  _, _, state = setup
+  w_online = state.online_params['encoder/conv_0']['w']
+  w_target = state.target.params['encoder/conv_0']['w']
+  assert not np.allclose(w_online, w_target)
+
+
+def test_step_loss_is_the_symmetric_sum(setup):
+  config, experiment, state = setup
+  batch = _batch()
+  _, metrics = _run(experiment, state, batch, devices=1)
+  apply = experiment.net.apply
+  out = {}
+  for name, params, bn in (('online', state.online_params, state.online_state),
+                           ('target', state.target.params, state.target_state)):
+    for view in ('view1', 'view2'):
+      out[name, view], bn = apply(params, bn, None, batch[view], True)
+  loss = lambda p, t: byol_experiment.regression_loss(p['prediction'], t['projection'])
+  expected = np.mean(loss(out['online', 'view1'], out['target', 'view2'])
+                     + loss(out['online', 'view2'], out['target', 'view1']))
+  np.testing.assert_allclose(metrics['repr_loss'], expected, rtol=1e-5)
+  assert 0 < metrics['repr_loss'] <= 8.  # Each direction is in [0, 4].
+
+
+def test_target_is_an_ema_applied_after_the_update(setup):
+  config, experiment, state = setup
+  new_state, metrics = _run(experiment, state, _batch(), devices=1)
+  tau = float(metrics['tau'])
+  np.testing.assert_allclose(tau, config.base_target_ema, rtol=1e-6)  # tau at step 0.
+  expected = jax.tree_util.tree_map(lambda t, o: t + (1 - tau) * (o - t), state.target.params,
+                                    new_state.online_params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         new_state.target.params, expected)
+  assert int(new_state.step) == 1
+
+
+def test_batchnorm_statistics_are_not_averaged_into_the_target(setup):
+  _, experiment, state = setup
+  new_state, _ = _run(experiment, state, _batch(), devices=1)
+  key = 'encoder/bn_0/~/mean_ema'
+  # The target's BN state moved by its own forward passes, not towards the online one.
+  assert not np.allclose(new_state.target_state[key]['average'],
+                         new_state.online_state[key]['average'])
+  assert not np.allclose(new_state.target_state[key]['average'],
+                         state.target_state[key]['average'])
+
+
+def test_no_gradient_reaches_the_target_or_the_encoder_from_the_probe(setup):
+  config, experiment, state = setup
+  batch = _batch()
+  apply = experiment.net.apply
+
+  def classifier_loss(online_params):
+    out, _ = apply(online_params, state.online_state, None, batch['view1'], True)
+    return jnp.mean(out['logits'])
+  grads = jax.grad(classifier_loss)(state.online_params)
+  assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(grads['encoder/conv_0']))
+  assert np.any(grads['classifier']['w'] != 0)
+
+  def byol_loss(target_params):
+    o, _ = apply(state.online_params, state.online_state, None, batch['view1'], True)
+    t, _ = apply(target_params, state.target_state, None, batch['view2'], True, online=False)
+    return jnp.mean(byol_experiment.regression_loss(o['prediction'], t['projection']))
+  target_grads = jax.grad(byol_loss)(state.target.params)
+  assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(target_grads))
+
+
+@pytest.mark.parametrize('optimizer', ['lars', 'adamw'])
+def test_two_devices_give_the_one_device_update(optimizer):
+  experiment = byol_experiment.ByolExperiment(_config(optimizer), train_examples=80)
+  state = experiment.init(jax.random.PRNGKey(0), image_size=8)
+  batch = _batch()
+  one, m1 = _run(experiment, state, batch, devices=1)
+  two, m2 = _run(experiment, state, batch, devices=2)
+  for key in m1:
+    np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, atol=1e-6)
+  if optimizer == 'adamw':
+    # Adam divides by sqrt(v): parameters whose true gradient is 0 (biases just before a
+    # BatchNorm) get sign(noise)-sized steps, so compare the gradient-carrying leaves via the
+    # optimizer's first moment instead, which is linear in the gradient.
+    one_mu, two_mu = one.opt_state[0].mu, two.opt_state[0].mu
+    # Tolerance relative to each tensor's scale (single entries may nearly cancel), with a
+    # floor for the zero-gradient biases whose first moment is pure rounding noise (~1e-9).
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-4 * np.abs(b).max(), 1e-7)),
+        one_mu, two_mu)
+    return
+  # float32 reductions in another order (per-device BN moments, psum of gradients): ~1e-6.
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         one, two)
+  # The update moved the parameters far more than the tolerance (not two no-ops). Biases and
+  # BN parameters take plain momentum-SGD steps, so a gradient summed instead of averaged over
+  # devices would show there (LARS' trust ratio hides gradient scale for the weights).
+  moved = np.abs(one.online_params['projector/~/bn']['offset']
+                 - state.online_params['projector/~/bn']['offset'])
+  assert moved.max() > 1e-3
+
+
+def test_collapse_metric():
+  def metric(z):
+    f = jax.shard_map(byol_experiment._collapse_metric, mesh=parallel.make_mesh(),
+                      in_specs=jax.sharding.PartitionSpec(byol_experiment.AXIS),
+                      out_specs=jax.sharding.PartitionSpec())
+    return float(f(z))
+  rng = np.random.RandomState(0)
+  healthy = metric(rng.randn(4096, 64).astype(np.float32))
+  np.testing.assert_allclose(healthy, 1 / np.sqrt(64), rtol=0.05)
+  collapsed = metric(np.tile(rng.randn(1, 64), (4096, 1)).astype(np.float32))
+  assert collapsed < 1e-3
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+  with pytest.raises(ValueError, match='multiple of the device count'):
+    parallel.check_batch_size(7, parallel.make_mesh())
