@@ -1,0 +1,451 @@
+"""BYOL image augmentations (paper Table 6) as stateless TensorFlow ops.
+
+Crops come in two forms, because images share a size only after cropping:
+
+* one image of any size: `random_resized_crop`, `center_crop` (tf.image.resize, bicubic);
+* a batch of same-size images: `random_resized_crop_batch`, `center_crop_batch` (the same
+  bicubic resampling written as two matrix products per image; used for in-memory datasets,
+  where it is much cheaper than one small graph per image).
+
+The photometric ops (`flip`, `color_jitter`, `to_grayscale`, `gaussian_blur`, `solarize`, and
+their composition `view`) take float32 batches [B, S, S, 3] in [0, 1]. Every random quantity
+is drawn with shape [B], so each image gets its own parameters; a draw is never shared by the
+batch. Working on whole batches keeps the per-image cost low on a few CPU cores.
+
+All randomness comes from `tf.random.stateless_*` ops driven by an explicit shape-[2] integer
+seed: the same seed gives the same output, which is what makes data batches a pure function of
+(seed, step) in `datasets.py`.
+"""
+
+import functools
+import math
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Keep TF's C++ INFO/WARNING lines quiet.
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+# Proportion of the short side kept by evaluation centre crops (the reference's 224 / 256).
+CENTER_CROP_FRACTION = 0.875
+# Candidate windows drawn for a random resized crop before falling back to a centre crop.
+_CROP_ATTEMPTS = 10
+# tf.image.resize (bicubic) looks its cubic weights up in a table of this many fractional
+# positions; the batched crop rounds the same way so that both crop paths agree.
+_BICUBIC_TABLE_SIZE = 1024
+
+# Distinct stream numbers, so that no two ops of a view consume the same random numbers.
+_FLIP, _JITTER, _GRAYSCALE, _BLUR, _SOLARIZE = range(5)
+# Colour-jitter op ids; _NO_OP marks images that skip jitter.
+BRIGHTNESS, CONTRAST, SATURATION, HUE, _NO_OP = range(5)
+
+
+def derive_seed(seed, *data):
+  """Folds integers into a shape-[2] stateless seed: an independent seed per (seed, data)."""
+  seed = tf.cast(seed, tf.int64)
+  for value in data:
+    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int64))
+  return seed
+
+
+def _split_seed(seed, num):
+  return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num))
+
+
+def _coin(seed, batch_size, prob):
+  """Per-image Bernoulli(prob) draws, shape [batch_size] bool."""
+  return tf.random.stateless_uniform([batch_size], seed) < prob
+
+
+def _select(mask, when_true, when_false):
+  """Per-image choice between two batches. Rows of a 2-D view select much faster in TF than a
+  [B, 1, 1, 1] mask broadcast over 4-D images."""
+  shape = tf.shape(when_false)
+  rows = lambda images: tf.reshape(images, [shape[0], -1])
+  chosen = tf.where(mask[:, None], rows(when_true), rows(when_false))
+  return tf.reshape(chosen, shape)
+
+
+def _clip(images):
+  return tf.clip_by_value(images, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry.
+
+
+def sample_crop_windows(seed, height, width, num, scale, ratio):
+  """Draws `num` random-resized-crop windows (y, x, h, w), each int32 [num].
+
+  For each window the area is a uniform fraction in `scale` of height x width and the aspect
+  ratio w / h is log-uniform in `ratio`. Of 10 candidates the first that fits inside the image
+  is kept; if none fits (extreme ratios, tiny images) the window is the largest centred one
+  with an allowed ratio. Offsets are uniform over the positions where the window fits.
+  """
+  area_seed, ratio_seed, offset_seed = _split_seed(seed, 3)
+  height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  shape = [num, _CROP_ATTEMPTS]
+  area = height_f * width_f * tf.random.stateless_uniform(shape, area_seed, *scale)
+  aspect = tf.exp(tf.random.stateless_uniform(
+      shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+  crop_w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  crop_h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= width) & (crop_h <= height)
+  first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+  any_fit = tf.reduce_any(fits, axis=1)
+  crop_h = tf.gather(crop_h, first_fit, batch_dims=1)
+  crop_w = tf.gather(crop_w, first_fit, batch_dims=1)
+
+  # Fallback: the whole image, narrowed to the nearest allowed aspect ratio.
+  image_ratio = width_f / height_f
+  fallback_w = tf.where(image_ratio > ratio[1], tf.round(height_f * ratio[1]), width_f)
+  fallback_h = tf.where(image_ratio < ratio[0], tf.round(width_f / ratio[0]), height_f)
+  fallback_w = tf.clip_by_value(tf.cast(fallback_w, tf.int32), 1, width)
+  fallback_h = tf.clip_by_value(tf.cast(fallback_h, tf.int32), 1, height)
+  crop_h = tf.where(any_fit, crop_h, fallback_h)
+  crop_w = tf.where(any_fit, crop_w, fallback_w)
+
+  offsets = tf.random.stateless_uniform([2, num], offset_seed)
+  def offset(draw, room):
+    random = tf.minimum(tf.cast(draw * tf.cast(room + 1, tf.float32), tf.int32), room)
+    return tf.where(any_fit, random, room // 2)
+  return offset(offsets[0], height - crop_h), offset(offsets[1], width - crop_w), crop_h, crop_w
+
+
+def _center_window(height, width, fraction):
+  """A centred square of `fraction` of the short side (at least one pixel)."""
+  short_side = tf.cast(tf.minimum(height, width), tf.float32)
+  side = tf.maximum(tf.cast(tf.round(short_side * fraction), tf.int32), 1)
+  return (height - side + 1) // 2, (width - side + 1) // 2, side, side
+
+
+def crop_and_resize(image, window, size):
+  """Crops `window` out of one [H, W, C] image, resizes it bicubically to size x size."""
+  offset_y, offset_x, crop_h, crop_w = window
+  crop = image[offset_y:offset_y + crop_h, offset_x:offset_x + crop_w]
+  crop = tf.image.convert_image_dtype(crop, tf.float32)  # uint8 -> [0, 1]; float unchanged.
+  # Bicubic interpolation overshoots at sharp edges; the network expects [0, 1].
+  return _clip(tf.image.resize(crop, [size, size], method='bicubic'))
+
+
+def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """A random crop (area fraction in `scale`, aspect ratio in `ratio`) resized to size x size.
+
+  `image` is one [H, W, 3] image of any size (uint8, or float in [0, 1]); images smaller than
+  the output are upsampled. Returns float32 [size, size, 3] in [0, 1].
+  """
+  shape = tf.shape(image)
+  windows = sample_crop_windows(seed, shape[0], shape[1], 1, scale, ratio)
+  return crop_and_resize(image, [w[0] for w in windows], size)
+
+
+def center_crop(image, size, fraction=CENTER_CROP_FRACTION):
+  """Evaluation preprocessing of one image: centred square of `fraction` of the short side,
+  resized to size x size. Returns float32 in [0, 1]."""
+  shape = tf.shape(image)
+  return crop_and_resize(image, _center_window(shape[0], shape[1], fraction), size)
+
+
+def _keys_cubic(distance):
+  """Keys' cubic convolution kernel with a = -0.5, the kernel of tf.image.resize 'bicubic'."""
+  d = tf.abs(distance)
+  near = (1.5 * d - 2.5) * d * d + 1.0
+  far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
+  return tf.where(d <= 1.0, near, tf.where(d < 2.0, far, 0.0))
+
+
+def _bicubic_matrix(offset, length, size, full_length):
+  """[B, size, full_length] matrices resampling the windows [offset, offset + length) of an
+  axis to `size` samples exactly as tf.image.resize(method='bicubic') resamples a crop:
+  half-pixel centres; taps outside the window get weight 0 and the rest are renormalised."""
+  length_f = tf.cast(length, tf.float32)[:, None, None]
+  position = (tf.range(size, dtype=tf.float32)[None, :, None] + 0.5) * length_f / size - 0.5
+  base = tf.floor(position)
+  position = base + tf.round((position - base) * _BICUBIC_TABLE_SIZE) / _BICUBIC_TABLE_SIZE
+  # Source pixel l sits at l - offset inside the window; the kernel is 0 beyond distance 2.
+  inside = tf.range(full_length)[None, None, :] - offset[:, None, None]
+  weights = _keys_cubic(tf.cast(inside, tf.float32) - position)
+  weights *= tf.cast((inside >= 0) & (inside < length[:, None, None]), tf.float32)
+  return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
+
+
+def _separable(images, rows, columns):
+  """out[b] = rows[b] @ images[b] @ columns[b]^T per channel: any per-image separable linear
+  map (resampling a window, blurring). Two products are cheaper in TF than one 3-way einsum."""
+  images = tf.einsum('bih,bhwc->biwc', rows, images)
+  return tf.einsum('bjw,biwc->bijc', columns, images)
+
+
+def resize_windows(images, windows, size):
+  """Per-image windows of a same-size batch [B, H, W, 3], each resized bicubically to
+  size x size. Returns float32 in [0, 1]."""
+  offset_y, offset_x, crop_h, crop_w = windows
+  shape = tf.shape(images)
+  rows = _bicubic_matrix(offset_y, crop_h, size, shape[1])
+  columns = _bicubic_matrix(offset_x, crop_w, size, shape[2])
+  return _clip(_separable(tf.image.convert_image_dtype(images, tf.float32), rows, columns))
+
+
+def random_resized_crop_batch(images, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """`random_resized_crop` for a batch of same-size images; each image draws its own window.
+
+  Returns float32 [B, size, size, 3] in [0, 1].
+  """
+  shape = tf.shape(images)
+  windows = sample_crop_windows(seed, shape[1], shape[2], shape[0], scale, ratio)
+  return resize_windows(images, windows, size)
+
+
+def center_crop_batch(images, size, fraction=CENTER_CROP_FRACTION):
+  """`center_crop` for a batch of same-size images."""
+  shape = tf.shape(images)
+  window = _center_window(shape[1], shape[2], fraction)
+  return resize_windows(images, [tf.fill([shape[0]], v) for v in window], size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Photometric ops on batches. `images`: float32 [B, S, S, 3] in [0, 1].
+
+
+def flip(images, seed, prob=0.5):
+  """Mirrors each image left-right with probability `prob`."""
+  return _select(_coin(seed, tf.shape(images)[0], prob), tf.reverse(images, axis=[2]), images)
+
+
+def _pixels(images):
+  """[n, H*W, 3]: the layout in which per-image and per-channel scalars broadcast cheaply."""
+  return tf.reshape(images, [tf.shape(images)[0], -1, 3])
+
+
+def adjust_brightness(images, delta):
+  """Adds delta[i] to every value of image i, then clips."""
+  return _clip(images + delta[:, None, None, None])
+
+
+def adjust_contrast(images, factor):
+  """Scales each channel's deviation from that channel's mean by factor[i] (as
+  tf.image.adjust_contrast), then clips."""
+  pixels = _pixels(images)
+  mean = tf.reduce_mean(pixels, axis=1, keepdims=True)
+  return tf.reshape(_clip((pixels - mean) * factor[:, None, None] + mean), tf.shape(images))
+
+
+def adjust_saturation(images, factor):
+  """Scales HSV saturation by factor[i], clipped to 1 (as tf.image.adjust_saturation).
+
+  In HSV every channel is c = V - V * S * k(hue), so scaling S by f while keeping hue and value
+  maps c to V - (V - c) * min(f, 1 / S), with V = max and V * S = max - min over the channels.
+  That is computed directly, without the HSV round trip.
+  """
+  pixels = _pixels(images)
+  value = tf.reduce_max(pixels, axis=-1, keepdims=True)
+  chroma = value - tf.reduce_min(pixels, axis=-1, keepdims=True)
+  factor = factor[:, None, None]
+  limit = tf.math.divide_no_nan(value, chroma)  # 1 / S; gray pixels (chroma 0) do not change.
+  scaled = value - (value - pixels) * tf.where(chroma > 0, tf.minimum(factor, limit), 1.0)
+  return tf.reshape(_clip(scaled), tf.shape(images))
+
+
+def adjust_hue(images, delta):
+  """Rotates HSV hue by delta[i] of a full turn (as tf.image.adjust_hue)."""
+  hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+  hue = tf.math.floormod(hue + delta[:, None, None], 1.0)
+  return _clip(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
+
+
+_ADJUST = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast,
+           SATURATION: adjust_saturation, HUE: adjust_hue}
+
+
+def sample_color_jitter(seed, batch_size, *, prob=0.8, brightness=0.4, contrast=0.4,
+                        saturation=0.2, hue=0.1):
+  """Per-image colour-jitter parameters: {'apply': bool [B], 'order': int32 [B, 4] (a random
+  permutation of the op ids BRIGHTNESS, CONTRAST, SATURATION, HUE), and one strength [B] per
+  op: brightness delta, contrast factor, saturation factor, hue delta}."""
+  apply_seed, order_seed, *strength_seeds = _split_seed(seed, 6)
+  ranges = {BRIGHTNESS: (-brightness, brightness), CONTRAST: (1 - contrast, 1 + contrast),
+            SATURATION: (1 - saturation, 1 + saturation), HUE: (-hue, hue)}
+  params = {op: tf.random.stateless_uniform([batch_size], strength_seeds[op], low, high)
+            for op, (low, high) in ranges.items()}
+  params['apply'] = _coin(apply_seed, batch_size, prob)
+  # A uniformly random permutation per image: the argsort of i.i.d. uniforms.
+  params['order'] = tf.argsort(
+      tf.random.stateless_uniform([batch_size, 4], order_seed), axis=-1, stable=True)
+  return params
+
+
+def apply_color_jitter(images, params):
+  """Runs, for each image with params['apply'], its four colour ops in its own order.
+
+  At each of the 4 positions the batch is partitioned by the op each image's permutation puts
+  there, each op runs on its own images only, and the batch is stitched back together.
+  """
+  image_ids = tf.range(tf.shape(images)[0])
+  for position in range(4):
+    op_here = tf.where(params['apply'], params['order'][:, position], _NO_OP)
+    ids = tf.dynamic_partition(image_ids, op_here, 5)
+    groups = tf.dynamic_partition(images, op_here, 5)
+    for op, adjust in _ADJUST.items():
+      groups[op] = adjust(groups[op], tf.gather(params[op], ids[op]))
+    images = tf.reshape(tf.dynamic_stitch(ids, groups), tf.shape(images))
+  return images
+
+
+def color_jitter(images, seed, *, prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                 hue=0.1):
+  """With probability `prob` per image, the four colour ops in a random order per image.
+
+  Brightness adds delta ~ U[-brightness, brightness]; contrast scales by U[1 - contrast,
+  1 + contrast] around each channel's mean; saturation scales HSV saturation by
+  U[1 - saturation, 1 + saturation]; hue rotates by U[-hue, hue] of a turn. Values are clipped
+  to [0, 1] after every op. Each image draws its own order and strengths.
+  """
+  params = sample_color_jitter(
+      seed, tf.shape(images)[0], prob=prob, brightness=brightness, contrast=contrast,
+      saturation=saturation, hue=hue)
+  return apply_color_jitter(images, params)
+
+
+def to_grayscale(images, seed, prob=0.2):
+  """Replaces each image, with probability `prob`, by its luma (ITU-R 601) in all channels."""
+  gray = tf.tile(tf.image.rgb_to_grayscale(images), [1, 1, 1, 3])
+  return _select(_coin(seed, tf.shape(images)[0], prob), gray, images)
+
+
+def blur_kernel_size(image_size, kernel_fraction):
+  """Odd kernel side from `kernel_fraction` of the image side: 23 at 224 px, 3 at 32 px."""
+  return 2 * int(kernel_fraction * image_size / 2) + 1
+
+
+def gaussian_blur(images, seed, *, prob, sigma_range=(0.1, 2.0), kernel_size):
+  """Blurs each image with probability `prob` by a Gaussian with sigma ~ U[sigma_range].
+
+  A separable kernel of `kernel_size` taps with 'SAME' zero padding (taps past the border
+  read 0), as the TF/JAX reference code does. Only the images drawn for blurring are touched.
+  """
+  batch_size = tf.shape(images)[0]
+  apply_seed, sigma_seed = _split_seed(seed, 2)
+  apply = _coin(apply_seed, batch_size, prob)
+  sigma = tf.random.stateless_uniform([batch_size], sigma_seed, *sigma_range)
+  return _apply_to_some(apply, lambda some, sigma: _blur(some, sigma, kernel_size),
+                        images, sigma)
+
+
+def _apply_to_some(mask, fn, images, *per_image):
+  """fn(images[mask], *[p[mask] for p in per_image]) put back in place; other images as is."""
+  chosen = tf.cast(mask, tf.int32)
+  ids = tf.dynamic_partition(tf.range(tf.shape(images)[0]), chosen, 2)
+  groups = tf.dynamic_partition(images, chosen, 2)
+  groups[1] = fn(groups[1], *(tf.gather(values, ids[1]) for values in per_image))
+  return tf.reshape(tf.dynamic_stitch(ids, groups), tf.shape(images))
+
+
+def _blur(images, sigma, kernel_size):
+  """Gaussian blur of each image i with sigma[i]: rows[i] @ image @ columns[i]^T, where the
+  matrices hold the kernel on their diagonal band and taps past the border are dropped."""
+  shape = tf.shape(images)
+
+  def band(length):
+    distance = tf.cast(tf.range(length)[None, :] - tf.range(length)[:, None], tf.float32)
+    spread = 2.0 * tf.square(sigma)[:, None, None]
+    radius = kernel_size // 2
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    total = tf.reduce_sum(tf.exp(-tf.square(taps)[None, None, :] / spread), axis=-1,
+                          keepdims=True)
+    in_kernel = tf.cast(tf.abs(distance) <= radius, tf.float32)
+    return tf.exp(-tf.square(distance) / spread) * in_kernel / total
+
+  return _clip(_separable(images, band(shape[1]), band(shape[2])))
+
+
+def solarize(images, seed, prob=0.2):
+  """With probability `prob` per image, maps x to (x < 0.5 ? x : 1 - x), i.e. min(x, 1 - x)."""
+  solarized = tf.minimum(images, 1.0 - images)
+  return _select(_coin(seed, tf.shape(images)[0], prob), solarized, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compositions.
+
+
+def _traced(op, **settings):
+  """op(images, seed, **settings) as a tf.function traced once per process and settings, for
+  float32 images of any shape.
+
+  A pipeline's graph then holds one call per view instead of ~800 ops: every new pipeline
+  (a resumed run, linear evaluation, each test) would otherwise re-trace them, which took
+  seconds on a busy 2-core machine.
+  """
+  return _traced_op(op, tuple(sorted(settings.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _traced_op(op, settings):
+  any_batch = [tf.TensorSpec([None, None, None, 3], tf.float32), tf.TensorSpec([2], tf.int64)]
+  return tf.function(functools.partial(op, **dict(settings)), autograph=False,
+                     input_signature=any_batch)
+
+
+def _view_ops(images, seed, *, flip_images, jitter, grayscale_prob, blur, solarize_prob):
+  """`view` with its settings as plain Python values (hashable: they key the traced function)."""
+  images = tf.convert_to_tensor(images, tf.float32)
+  if flip_images:
+    images = flip(images, derive_seed(seed, _FLIP))
+  jitter_prob, brightness, contrast, saturation, hue = jitter
+  if jitter_prob > 0:
+    images = color_jitter(images, derive_seed(seed, _JITTER), prob=jitter_prob,
+                          brightness=brightness, contrast=contrast, saturation=saturation,
+                          hue=hue)
+  if grayscale_prob > 0:
+    images = to_grayscale(images, derive_seed(seed, _GRAYSCALE), grayscale_prob)
+  blur_prob, sigma_range, kernel_size = blur
+  if blur_prob > 0 and kernel_size > 1:
+    images = gaussian_blur(images, derive_seed(seed, _BLUR), prob=blur_prob,
+                           sigma_range=sigma_range, kernel_size=kernel_size)
+  if solarize_prob > 0:
+    images = solarize(images, derive_seed(seed, _SOLARIZE), solarize_prob)
+  return images
+
+
+def view(images, seed, augment, view_config):
+  """The photometric part of one BYOL view, for a batch of already-cropped images.
+
+  Order as in the reference: flip, colour jitter, grayscale, blur, solarize. `augment` is
+  `config.augment`; `view_config` is `config.augment.view1` or `.view2` (blur_prob,
+  solarize_prob). Ops with probability 0 are left out of the graph. The images' side must be
+  static (it sets the blur kernel).
+  """
+  images = tf.convert_to_tensor(images, tf.float32)
+  kernel_size = blur_kernel_size(images.shape[1], augment.blur_kernel_fraction)
+  run = _traced(
+      _view_ops, flip_images=bool(augment.flip),
+      jitter=tuple(float(v) for v in (augment.color_jitter_prob, augment.brightness,
+                                      augment.contrast, augment.saturation, augment.hue)),
+      grayscale_prob=float(augment.grayscale_prob),
+      blur=(float(view_config.blur_prob), tuple(map(float, augment.blur_sigma)), kernel_size),
+      solarize_prob=float(view_config.solarize_prob))
+  return tf.ensure_shape(run(images, tf.cast(seed, tf.int64)), images.shape)
+
+
+def pretraining_crop(image, seed, augment, size):
+  """The geometric part of a BYOL view for one image: `augment`'s random resized crop."""
+  return random_resized_crop(
+      image, seed, size, tuple(augment.crop_scale), tuple(augment.crop_ratio))
+
+
+def pretraining_crop_batch(images, seed, augment, size):
+  """`pretraining_crop` for a batch of same-size images."""
+  run = _traced(random_resized_crop_batch, size=size,
+                scale=tuple(map(float, augment.crop_scale)),
+                ratio=tuple(map(float, augment.crop_ratio)))
+  images = tf.image.convert_image_dtype(images, tf.float32)
+  return tf.ensure_shape(run(images, tf.cast(seed, tf.int64)), [images.shape[0], size, size, 3])
+
+
+def linear_eval_view(images, seed, augment):
+  """Linear-evaluation training augmentation after the crop: a horizontal flip only.
+
+  Follows `augment.flip`, so a preset that turns flips off for pretraining (digits, where a
+  mirrored digit is another symbol) keeps them off here too.
+  """
+  images = tf.convert_to_tensor(images, tf.float32)
+  return flip(images, derive_seed(seed, _FLIP)) if augment.flip else images

@@ -1,0 +1,316 @@
+"""Input pipelines: sources, splits, shards, determinism, bad input.
+
+Image folders are generated per test session (tiny JPEG/PNG files); TFDS datasets come from
+`tfds.testing.mock_data`. The shared CIFAR-10 folder is only listed (decoding 50,000 files
+would take most of the test budget), and that test skips when the folder is absent.
+"""
+
+import pathlib
+import re
+
+import byol  # configs/byol.py (tests/conftest.py puts configs/ on the path).
+import numpy as np
+from PIL import Image
+import pytest
+
+from byol_jax import datasets
+
+SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10'
+CLASSES = ('ant', 'bee', 'cat')
+PER_CLASS = 8
+SIZE = 16
+
+
+def write_image(path, pixels):
+  Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope='module')
+def uniform_folder(tmp_path_factory):
+  """root/{train,test}/<class>/<i>.png, all 20x24 RGB: decoded once into memory."""
+  root = tmp_path_factory.mktemp('uniform')
+  rng = np.random.default_rng(0)
+  for name in CLASSES:
+    (root / 'train' / name).mkdir(parents=True)
+    (root / 'test' / name).mkdir(parents=True)
+    for i in range(PER_CLASS):
+      write_image(root / 'train' / name / f'{i:02d}.png',
+                  rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    write_image(root / 'test' / name / '0.png', rng.integers(0, 256, (20, 24, 3), np.uint8))
+  (root / 'train' / 'ant' / 'notes.txt').write_text('not an image: ignored')
+  return root
+
+
+@pytest.fixture(scope='module')
+def mixed_folder(tmp_path_factory):
+  """Sizes differ (read from files on demand): grayscale, RGBA, and images smaller than the
+  crop."""
+  root = tmp_path_factory.mktemp('mixed')
+  rng = np.random.default_rng(1)
+  for name in CLASSES:
+    (root / 'train' / name).mkdir(parents=True)
+    for i in range(PER_CLASS):
+      kind = i % 4
+      shape = [(30, 22, 3), (9, 13), (12, 12, 4), (3, 5, 3)][kind]  # RGB, gray, RGBA, tiny.
+      suffix = '.jpg' if kind == 0 else '.png'
+      write_image(root / 'train' / name / f'{i}{suffix}',
+                  rng.integers(0, 256, shape, dtype=np.uint8))
+  return root
+
+
+def make_config(dataset, *, batch_size=6, validation_examples=6, seed=0, plain=False):
+  config = byol.get_config('cifar10')
+  config.dataset = dataset
+  config.image_size = SIZE
+  config.batch_size = batch_size
+  config.seed = seed
+  config.data.validation_examples = validation_examples
+  if plain:  # Crops only: a small graph, for tests about data rather than augmentations.
+    config.augment.color_jitter_prob = 0.0
+    config.augment.grayscale_prob = 0.0
+    for view in (config.augment.view1, config.augment.view2):
+      view.blur_prob = view.solarize_prob = 0.0
+  return config
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_views(batch, batch_size, size=SIZE):
+  assert set(batch) == {'view1', 'view2', 'labels'}
+  for key in ('view1', 'view2'):
+    assert batch[key].shape == (batch_size, size, size, 3) and batch[key].dtype == np.float32
+    assert batch[key].min() >= 0.0 and batch[key].max() <= 1.0
+  assert batch['labels'].shape == (batch_size,) and batch['labels'].dtype == np.int32
+
+
+# ------------------------------------------------------------------------------------------
+# Folders.
+
+
+def test_folder_splits_hold_out_a_class_balanced_tail(uniform_folder):
+  config = make_config(f'folder:{uniform_folder}')
+  assert datasets.num_examples(config, 'train') == 3 * PER_CLASS - 6
+  assert datasets.num_examples(config, 'validation') == 6
+  assert datasets.num_examples(config, 'test') == 3
+  validation = list(datasets.eval_batches(config, 'validation', 4, process_index=0,
+                                          process_count=1))
+  labels = np.concatenate([b['labels'][b['mask']] for b in validation])
+  np.testing.assert_array_equal(np.sort(labels), [0, 0, 1, 1, 2, 2])  # Last 2 of each class.
+
+
+def test_folder_pretraining_batches_are_a_pure_function_of_seed_and_step(uniform_folder):
+  config = make_config(f'folder:{uniform_folder}')
+  first = take(datasets.pretrain_batches(config, process_index=0, process_count=1), 4)
+  for batch in first:
+    assert_views(batch, 6)
+    assert set(batch['labels']) <= {0, 1, 2}
+  resumed = take(datasets.pretrain_batches(config, start_step=2, process_index=0,
+                                           process_count=1), 2)
+  for expected, got in zip(first[2:], resumed):
+    for key in expected:
+      np.testing.assert_array_equal(expected[key], got[key])
+  assert not np.allclose(first[0]['view1'], first[1]['view1'])  # Steps differ.
+  assert not np.allclose(first[0]['view1'], first[0]['view2'])  # Views differ.
+  # Steps 0-2 are epoch 0 (18 examples / 6): every training example exactly once.
+  labels = np.concatenate([b['labels'] for b in first[:3]])
+  np.testing.assert_array_equal(np.bincount(labels), [6, 6, 6])
+  other_seed = next(datasets.pretrain_batches(make_config(f'folder:{uniform_folder}', seed=1),
+                                              process_index=0, process_count=1))
+  assert not np.allclose(first[0]['view1'], other_seed['view1'])
+
+
+def test_two_images_of_one_batch_get_different_views(uniform_folder):
+  config = make_config(f'folder:{uniform_folder}', plain=True)
+  batch = next(datasets.pretrain_batches(config, process_index=0, process_count=1))
+  views = batch['view1'].reshape(6, -1)
+  assert len({row.tobytes() for row in views}) == 6
+
+
+def test_mixed_folder_converts_gray_and_rgba_and_upsamples_small_images(mixed_folder):
+  config = make_config(f'folder:{mixed_folder}', plain=True)
+  assert datasets.num_examples(config, 'train') == 3 * PER_CLASS - 6
+  iterator = datasets.pretrain_batches(config, process_index=0, process_count=1)
+  first = take(iterator, 3)
+  for batch in first:
+    assert_views(batch, 6)
+  resumed = next(datasets.pretrain_batches(config, start_step=2, process_index=0,
+                                           process_count=1))
+  np.testing.assert_array_equal(first[2]['view2'], resumed['view2'])
+  batches = list(datasets.eval_batches(config, 'train', 8, process_index=0, process_count=1))
+  assert [b['images'].shape for b in batches] == [(8, SIZE, SIZE, 3)] * 3
+  assert sum(b['mask'].sum() for b in batches) == 18
+
+
+def test_processes_read_disjoint_shards_with_equal_batch_counts(uniform_folder):
+  config = make_config(f'folder:{uniform_folder}', plain=True)
+  shards = [list(datasets.eval_batches(config, 'train', 4, process_index=p, process_count=2))
+            for p in range(2)]
+  assert len(shards[0]) == len(shards[1]) == 3  # 9 examples each: 3 batches, 3 padding.
+  images = [np.concatenate([b['images'][b['mask']] for b in shard]) for shard in shards]
+  assert len(images[0]) == len(images[1]) == 9
+  assert not any(np.allclose(a, b) for a in images[0] for b in images[1])
+  padding = shards[0][-1]
+  assert not padding['mask'][1:].any() and np.all(padding['images'][~padding['mask']] == 0)
+  local = next(datasets.pretrain_batches(config, process_index=1, process_count=2))
+  assert_views(local, 3)  # Local batch = global 6 // 2 processes.
+  with pytest.raises(ValueError, match='not divisible'):
+    next(datasets.pretrain_batches(make_config(f'folder:{uniform_folder}', batch_size=5),
+                                   process_index=0, process_count=2))
+
+
+def test_eval_batches_are_centre_crops_in_split_order(uniform_folder):
+  config = make_config(f'folder:{uniform_folder}')
+  batches = list(datasets.eval_batches(config, 'test', 2, process_index=0, process_count=1))
+  assert [b['mask'].tolist() for b in batches] == [[True, True], [True, False]]
+  assert [b['labels'][b['mask']].tolist() for b in batches] == [[0, 1], [2]]
+  again = list(datasets.eval_batches(config, 'test', 2, process_index=0, process_count=1))
+  np.testing.assert_array_equal(batches[0]['images'], again[0]['images'])
+
+
+def test_linear_eval_batches_crop_and_flip_deterministically(uniform_folder):
+  config = make_config(f'folder:{uniform_folder}')
+  batches = take(datasets.linear_eval_batches(config, 'train', 6, process_index=0,
+                                              process_count=1), 3)
+  for batch in batches:
+    assert set(batch) == {'images', 'labels'}
+    assert batch['images'].shape == (6, SIZE, SIZE, 3) and batch['labels'].dtype == np.int32
+  resumed = next(datasets.linear_eval_batches(config, 'train', 6, start_step=1,
+                                              process_index=0, process_count=1))
+  np.testing.assert_array_equal(batches[1]['images'], resumed['images'])
+  # A subset (semi-supervised): only those examples' labels appear.
+  subset = next(datasets.linear_eval_batches(config, 'train', 3, indices=[0, 3, 6],
+                                             process_index=0, process_count=1))
+  assert sorted(subset['labels'].tolist()) == [0, 0, 0]  # Round-robin: 0, 3, 6 are class 0.
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one clear error each.
+
+
+def test_missing_folder_and_missing_split(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    datasets.num_examples(make_config(f'folder:{tmp_path}/nowhere'), 'train')
+  (tmp_path / 'only_test' / 'test' / 'a').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='no train split'):
+    datasets.num_examples(make_config(f'folder:{tmp_path}/only_test'), 'train')
+
+
+def test_empty_split(tmp_path):
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  (tmp_path / 'train' / 'a' / 'readme.txt').write_text('no images here')
+  with pytest.raises(ValueError, match='is empty'):
+    datasets.num_examples(make_config(f'folder:{tmp_path}'), 'train')
+
+
+def test_no_test_split_and_unknown_names(uniform_folder, mixed_folder):
+  with pytest.raises(ValueError, match='has no test split'):
+    datasets.num_examples(make_config(f'folder:{mixed_folder}'), 'test')
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    datasets.num_examples(make_config('mnist_typo'), 'train')
+  with pytest.raises(ValueError, match='Unknown split'):
+    datasets.num_examples(make_config(f'folder:{uniform_folder}'), 'valid')
+  with pytest.raises(ValueError, match='validation_examples'):
+    datasets.num_examples(make_config(f'folder:{uniform_folder}', validation_examples=24),
+                          'train')
+
+
+def corrupt_folder(root):
+  for name in CLASSES[:2]:
+    (root / 'train' / name).mkdir(parents=True)
+    for i in range(5):
+      write_image(root / 'train' / name / f'{i}.png', np.full((10, 10, 3), 9 * i, np.uint8))
+  broken = root / 'train' / 'bee' / 'broken.jpg'
+  broken.write_bytes(b'\xff\xd8\xff\xe0 this is not really a JPEG')
+  return broken
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
+  broken = corrupt_folder(tmp_path)
+  config = make_config(f'folder:{tmp_path}', validation_examples=2)
+  with pytest.raises(ValueError, match=re.escape(f'Corrupt image file {broken}')):
+    datasets.num_examples(config, 'train')
+  config.data.skip_corrupt_images = True
+  assert datasets.num_examples(config, 'train') == 8
+  assert datasets.skipped_corrupt_images(config) == [str(broken)]
+
+
+def test_corrupt_image_found_while_reading_a_large_folder(tmp_path, monkeypatch):
+  # Folders too big for memory are read lazily; a bad file then surfaces mid-run, by name.
+  monkeypatch.setattr(datasets, '_IN_MEMORY_BYTES', 0)
+  broken = corrupt_folder(tmp_path)
+  config = make_config(f'folder:{tmp_path}', batch_size=11, validation_examples=0, plain=True)
+  with pytest.raises(ValueError, match=re.escape(f'Corrupt image file {broken}')):
+    next(datasets.pretrain_batches(config, process_index=0, process_count=1))
+
+
+# ------------------------------------------------------------------------------------------
+# Digits and TFDS.
+
+
+@pytest.fixture
+def forget_mock_data():
+  """Loaded splits are cached per process; mock TFDS data must not outlive its test."""
+  yield
+  datasets._load_splits.cache_clear()  # pylint: disable=protected-access
+
+
+def test_digits_are_gray_rgb_upsampled_to_the_image_size():
+  config = byol.get_config('demo')
+  assert datasets.num_examples(config, 'train') == 1797 - 297
+  assert datasets.num_examples(config, 'validation') == 297
+  with pytest.raises(ValueError, match="'digits' has no test split"):
+    datasets.num_examples(config, 'test')
+  batch = next(datasets.pretrain_batches(config, process_index=0, process_count=1))
+  assert_views(batch, config.batch_size, config.image_size)
+  # Gray stays gray through jitter (hue and saturation do nothing, contrast is per channel).
+  assert np.ptp(batch['view1'], axis=-1).max() < 1e-5
+  assert set(batch['labels']) <= set(range(10))
+
+
+def test_tfds_cifar10_in_memory_with_mock_data(forget_mock_data):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = make_config('cifar10', batch_size=4, validation_examples=4, plain=True)
+  with tfds.testing.mock_data(num_examples=12):
+    assert datasets.num_examples(config, 'train') == 8
+    assert datasets.num_examples(config, 'test') == 12
+    batch = next(datasets.pretrain_batches(config, process_index=0, process_count=1))
+    evaluated = list(datasets.eval_batches(config, 'validation', 3, process_index=0,
+                                           process_count=1))
+  assert_views(batch, 4)
+  assert [b['mask'].sum() for b in evaluated] == [3, 1]
+
+
+def test_tfds_streamed_dataset_with_mock_data(forget_mock_data):
+  # imagenet2012 is read from TFDS files, never held in memory; mock images vary in size.
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = make_config('imagenet2012', batch_size=4, validation_examples=2, plain=True)
+  with tfds.testing.mock_data(num_examples=10):
+    assert datasets.num_examples(config, 'train') == 8
+    batches = take(datasets.pretrain_batches(config, process_index=0, process_count=1), 3)
+    resumed = take(datasets.pretrain_batches(config, start_step=1, process_index=0,
+                                             process_count=1), 2)
+    evaluated = list(datasets.eval_batches(config, 'test', 4, process_index=0,
+                                           process_count=1))
+  for batch in batches:
+    assert_views(batch, 4)
+  for expected, got in zip(batches[1:], resumed):  # Step 2 starts a new epoch.
+    np.testing.assert_array_equal(expected['view2'], got['view2'])
+  assert sum(b['mask'].sum() for b in evaluated) == 10
+
+
+# ------------------------------------------------------------------------------------------
+# The shared CIFAR-10 folder (listing only).
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(),
+                    reason=f'shared CIFAR-10 folder not found at {SHARED_CIFAR10}')
+def test_shared_cifar10_validation_is_the_last_500_of_each_class():
+  # pylint: disable-next=protected-access
+  paths, labels, classes = datasets._list_folder_split(SHARED_CIFAR10 / 'train')
+  assert len(paths) == 50_000 and len(classes) == 10
+  validation = paths[-5000:]  # config.data.validation_examples = 5000 in the cifar10 preset.
+  assert np.bincount(labels[-5000:]).tolist() == [500] * 10
+  ranks = sorted({int(pathlib.Path(p).stem) for p in validation})
+  assert ranks == list(range(4500, 5000))
