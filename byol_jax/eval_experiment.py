@@ -1,0 +1,405 @@
+"""Evaluation of a pretrained encoder: linear evaluation, fine-tuning, semi-supervised, kNN.
+
+Linear evaluation follows the reference (REFERENCE.md "Linear evaluation"): the encoder is frozen
+in inference mode (BatchNorm moving averages), a fresh linear layer is trained with SGD + Nesterov
+momentum 0.9, no weight decay, LR 0.2 x batch/256 with a cosine decay to 0 and no warmup, on
+random crop + flip, and top-1 / top-5 are reported on the held-out split. Fine-tuning
+(`freeze_backbone=False`) is the same with the encoder trainable and its BatchNorm in training
+mode with cross-replica statistics. Semi-supervised evaluation is fine-tuning on a fixed, seeded,
+class-balanced fraction of the training labels (`labelled_fraction`). kNN is a weighted vote of
+the nearest training features (knn.py).
+
+The steps are per-device functions with named-axis collectives, mapped over the device mesh with
+`parallel.map_step`, like the BYOL step. TensorFlow enters only with the input pipeline
+(`datasets`, imported inside the functions that read data), so the steps run without it.
+"""
+
+import json
+import os
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from byol_jax import export, knn, metrics, networks, optimizers, parallel, schedules
+from byol_jax.byol_experiment import AXIS
+
+PROTOCOLS = ('linear', 'knn')
+
+
+class EvalState(NamedTuple):
+  step: jax.Array  # int32 scalar: number of updates applied so far.
+  encoder_params: hk.Params  # From the pretrained online encoder; trained only when fine-tuning.
+  encoder_state: hk.State  # BatchNorm moving averages; updated only when fine-tuning.
+  head_params: hk.Params  # The fresh linear layer.
+  opt_state: optax.OptState
+
+
+def make_classifier_network(model_config, num_classes: int, axis_name=None):
+  """`hk.transform_with_state` of encoder -> linear head, apply(..., images, is_training).
+
+  The encoder keeps its pretraining module name (`networks.make_encoder`'s 'encoder'), so
+  checkpointed encoder params plug in unchanged. The head starts at zero (`EvalExperiment.init`
+  builds it so): the frozen-encoder problem is convex, so this loses nothing and needs no key.
+  """
+  dtype = networks.compute_dtype(model_config)
+
+  def forward(images, is_training):
+    features = networks.make_encoder(model_config, axis_name)(images.astype(dtype), is_training)
+    return hk.Linear(num_classes, name='linear_head')(features)
+
+  return hk.transform_with_state(forward)
+
+
+def encoder_embed(model_config):
+  """Jitted embed(params, state, images) -> pooled features of the encoder, inference mode."""
+  encoder = export.make_encoder_fn(model_config)
+  return jax.jit(lambda params, state, images: encoder.apply(params, state, None, images,
+                                                             False)[0])
+
+
+def total_steps(config, train_examples: int) -> int:
+  if config.max_steps > 0:
+    return config.max_steps
+  return max(1, config.num_epochs * train_examples // config.batch_size)
+
+
+class EvalExperiment:
+  """Linear evaluation / fine-tuning from a config; `init`, `train_step`, `eval_step` are pure.
+
+  `config` is the evaluation config (configs/eval.py); `model_config` is the pretraining run's
+  `config.model`, so the encoder is rebuilt exactly as it was trained.
+  """
+
+  def __init__(self, config, model_config, train_examples: int):
+    self.fine_tune = not config.freeze_backbone
+    self.total_steps = total_steps(config, train_examples)
+    opt = config.optimizer
+    self.lr_schedule = lambda step: schedules.learning_rate(
+        step, base_lr=opt.base_lr, batch_size=config.batch_size,
+        total_steps=self.total_steps, warmup_steps=0)
+    # Weight decay (0 in the reference) would skip biases and BatchNorm, as in pretraining.
+    self.optimizer = optax.chain(
+        optax.masked(optax.add_decayed_weights(opt.weight_decay),
+                     optimizers.decay_and_adapt_mask),
+        optax.sgd(self.lr_schedule, momentum=opt.momentum, nesterov=opt.nesterov))
+    self.net = make_classifier_network(model_config, config.num_classes, axis_name=None)
+    # Cross-replica BatchNorm matters only when the encoder runs in training mode.
+    self.net_parallel = make_classifier_network(model_config, config.num_classes,
+                                                axis_name=AXIS)
+
+  def _trainable(self, encoder_params, head_params):
+    return (encoder_params, head_params) if self.fine_tune else head_params
+
+  def init(self, encoder_params, encoder_state, image_size: int) -> EvalState:
+    """The pretrained encoder with a zero head; no random key (and no init compile) needed."""
+    dummy = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    # Training mode: Haiku's BatchNorm only creates its moving averages there.
+    shapes, _ = jax.eval_shape(lambda x: self.net.init(jax.random.PRNGKey(0), x, True), dummy)
+    head_params = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype),
+        {k: v for k, v in shapes.items() if k not in encoder_params})
+    return EvalState(step=jnp.zeros((), jnp.int32), encoder_params=encoder_params,
+                     encoder_state=encoder_state, head_params=head_params,
+                     opt_state=self.optimizer.init(self._trainable(encoder_params,
+                                                                   head_params)))
+
+  def train_step(self, state: EvalState, batch):
+    """One update on this device's share of {'images', 'labels'}; call under mesh axis AXIS.
+
+    Frozen: gradients are taken w.r.t. the head only, so the encoder is a constant of the step
+    (no backward pass through it) and runs in inference mode. As in the BYOL step, the loss is
+    averaged with `pmean` and shard_map sums the gradients of the replicated params.
+    """
+    def loss_fn(trainable):
+      encoder_params, head_params = (trainable if self.fine_tune
+                                     else (state.encoder_params, trainable))
+      logits, encoder_state = self.net_parallel.apply(
+          {**encoder_params, **head_params}, state.encoder_state, None, batch['images'],
+          self.fine_tune)
+      xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
+      top1 = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
+      return jax.lax.pmean(jnp.mean(xent), AXIS), (encoder_state, jax.lax.pmean(top1, AXIS))
+
+    trainable = self._trainable(state.encoder_params, state.head_params)
+    (loss, (encoder_state, top1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    encoder_params, head_params = (trainable if self.fine_tune
+                                   else (state.encoder_params, trainable))
+    if not self.fine_tune:
+      encoder_state = state.encoder_state  # Inference mode left it as it was; say so.
+    new_state = EvalState(step=state.step + 1, encoder_params=encoder_params,
+                          encoder_state=encoder_state, head_params=head_params,
+                          opt_state=opt_state)
+    return new_state, dict(loss=loss, top1=top1, learning_rate=self.lr_schedule(state.step))
+
+  def eval_step(self, state: EvalState, batch):
+    """Counts of top-1 / top-5 hits and of real examples over the global batch (mask: padding)."""
+    logits, _ = self.net_parallel.apply({**state.encoder_params, **state.head_params},
+                                        state.encoder_state, None, batch['images'], False)
+    labels, mask = batch['labels'], batch['mask']
+    k = min(5, logits.shape[-1])
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    counts = dict(top1=jnp.sum(mask & (jnp.argmax(logits, -1) == labels)),
+                  top5=jnp.sum(mask & top5), count=jnp.sum(mask))
+    counts = jax.tree_util.tree_map(lambda c: jax.lax.psum(c, AXIS), counts)
+    return counts, {}
+
+
+def accuracy(step_fn, state, batches) -> dict:
+  """Top-1 / top-5 (fractions) over one pass of global batches with `eval_step` mapped."""
+  totals = dict(top1=0, top5=0, count=0)
+  for batch in batches:
+    counts, _ = step_fn(state, batch)
+    for key, value in counts.items():
+      totals[key] += int(value)
+  count = max(totals['count'], 1)
+  return dict(top1=totals['top1'] / count, top5=totals['top5'] / count,
+              count=totals['count'])
+
+
+def balanced_subset(labels, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of a class-balanced `fraction` of `labels`, a pure function of the seed.
+
+  Every class gets the same number of examples, round(fraction x N / classes) (at least 1,
+  at most what the class has), drawn uniformly without replacement with a generator seeded by
+  `seed`, class by class in label order. ImageNet 1%: 13 per class (13,000 images).
+  """
+  labels = np.asarray(labels)
+  classes = np.unique(labels)
+  per_class = max(1, int(round(fraction * len(labels) / len(classes))))
+  rng = np.random.default_rng(seed)
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+  return np.sort(np.concatenate(chosen))
+
+
+def extract_features(embed, params, bn_state, batches):
+  """(features, labels) of the real (unmasked) examples of host batches, in inference mode."""
+  feats, labels = [], []
+  for batch in batches:
+    out = np.asarray(embed(params, bn_state, batch['images']))
+    feats.append(out[batch['mask']])
+    labels.append(np.asarray(batch['labels'])[batch['mask']])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Over datasets (TensorFlow enters here, through `datasets`, imported where it is used).
+
+EVAL_BATCH = 256  # Per process: feature extraction and held-out accuracy.
+
+
+def _whole_split(config, split):
+  """One pass over all of `split` on every process (kNN needs the whole bank on each)."""
+  from byol_jax import datasets
+  return datasets.eval_batches(config, split, EVAL_BATCH, process_index=0, process_count=1)
+
+
+def split_features(config, embed, params, bn_state, split):
+  """(features, labels) of every example of `split`, in the split's order."""
+  return extract_features(embed, params, bn_state, _whole_split(config, split))
+
+
+def split_labels(config, split) -> np.ndarray:
+  """Labels of every example of `split`, in the split's order (the images are not kept)."""
+  return np.concatenate([b['labels'][b['mask']] for b in _whole_split(config, split)])
+
+
+def knn_evaluate(config, embed, params, bn_state, *, test_split, k, temperature,
+                 labelled_fraction=1.0, center=False) -> dict:
+  """Weighted kNN of `test_split` against the unaugmented labelled training split.
+
+  `labelled_fraction` < 1 keeps a `balanced_subset` of the bank (semi-supervised kNN);
+  `center` subtracts the bank mean first (raw pixels, which are all positive).
+  """
+  bank_x, bank_y = split_features(config, embed, params, bn_state, 'labelled_train')
+  if labelled_fraction < 1:
+    keep = balanced_subset(bank_y, labelled_fraction, config.seed)
+    bank_x, bank_y = bank_x[keep], bank_y[keep]
+  test_x, test_y = split_features(config, embed, params, bn_state, test_split)
+  if center:
+    mean = bank_x.mean(axis=0)
+    bank_x, test_x = bank_x - mean, test_x - mean
+  result = knn.knn_accuracy(bank_x, bank_y, test_x, test_y, k=k, temperature=temperature,
+                            num_classes=config.num_classes)
+  return dict(result, count=len(test_y), train_examples=len(bank_y))
+
+
+def _pixels(params, bn_state, images):
+  del params, bn_state
+  return np.reshape(images, (len(images), -1))
+
+
+def knn_monitor(config, experiment, state) -> dict:
+  """kNN top-1/top-5 of the online encoder on the validation split, during pretraining."""
+  params, bn_state = jax.device_get((state.online_params, state.online_state))
+  result = knn_evaluate(config, jax.jit(experiment.embed), params, bn_state,
+                        test_split='validation', k=config.final_knn.k,
+                        temperature=config.final_knn.temperature)
+  print(f'kNN monitor (k={result["k"]}) at step {int(jax.device_get(state.step))}: top-1 '
+        f'{100 * result["top1"]:.1f}% on {result["count"]} held-out images', flush=True)
+  return dict(knn_top1=result['top1'], knn_top5=result['top5'])
+
+
+def pretraining_knn(config, experiment, state, initial_state) -> dict:
+  """kNN top-1 on the validation split: BYOL's online encoder vs two baselines.
+
+  Baselines computed by the same code: the random-init encoder of this very run (its BN
+  moving averages refreshed on training batches first, since a fresh BN state is meaningless in
+  inference mode) and raw pixels (centred, cosine). The bank is the labelled training split,
+  unaugmented.
+  """
+  from byol_jax import datasets
+  k, temperature = config.final_knn.k, config.final_knn.temperature
+  random_params, random_state = jax.device_get((initial_state.online_params,
+                                                initial_state.online_state))
+  recalibrate = jax.jit(experiment.recalibrate_batchnorm)
+  calibration = datasets.pretrain_batches(config, start_step=0)
+  for _ in range(30):
+    random_state = recalibrate(random_params, random_state, next(calibration)['view1'])
+
+  embed = jax.jit(experiment.embed)
+  evaluate = lambda embed, params, bn_state, **kw: knn_evaluate(
+      config, embed, params, bn_state, test_split='validation', k=k, temperature=temperature,
+      **kw)
+  results = dict(
+      byol=evaluate(embed, *jax.device_get((state.online_params, state.online_state))),
+      random_init=evaluate(embed, random_params, random_state),
+      raw_pixels=evaluate(_pixels, None, None, center=True))
+  print(f'Representation quality, kNN top-1 (k={k}, T={temperature}) on '
+        f'{results["byol"]["count"]} held-out images: BYOL {100 * results["byol"]["top1"]:.1f}% '
+        f'| random-init encoder {100 * results["random_init"]["top1"]:.1f}% | raw pixels '
+        f'{100 * results["raw_pixels"]["top1"]:.1f}%', flush=True)
+  return results
+
+
+def load_pretrained(path: str):
+  """(model_config, params, state, meta) of the online encoder at `path`.
+
+  `path` is a pretraining workdir (its latest readable checkpoint) or an export file; meta
+  holds step, dataset, image_size and the pretraining `model` config.
+  """
+  if os.path.isdir(path):
+    params, state, meta = export.read_checkpoint_encoder(path)
+    return ml_collections.ConfigDict(meta['model']), params, state, meta
+  model_config, params, state = export.load_encoder(path)
+  return model_config, params, state, export.load_metadata(path)
+
+
+def protocol_name(config) -> str:
+  if config.protocol == 'knn':
+    return 'knn'
+  return 'linear_eval' if config.freeze_backbone else 'fine_tune'
+
+
+def validate_config(config):
+  """One-line errors for bad evaluation settings, before anything is loaded or compiled."""
+  if not config.checkpoint:
+    raise ValueError('--config.checkpoint is required: a pretraining workdir or an export '
+                     'file (python -m byol_jax.export).')
+  if not os.path.exists(config.checkpoint):
+    raise FileNotFoundError(f'No pretraining workdir or export file at {config.checkpoint}.')
+  if config.protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown protocol {config.protocol!r}: choose from '
+                     f'{", ".join(PROTOCOLS)}.')
+  if not 0 < config.labelled_fraction <= 1:
+    raise ValueError(f'labelled_fraction must be in (0, 1], got {config.labelled_fraction}.')
+  if config.max_steps < 0 or (config.max_steps == 0 and config.num_epochs <= 0):
+    raise ValueError(f'Training length must be positive: max_steps={config.max_steps}, '
+                     f'num_epochs={config.num_epochs}.')
+  if min(config.image_size, config.num_classes, config.batch_size, config.log_every_steps) <= 0:
+    raise ValueError('image_size, num_classes, batch_size and log_every_steps must be '
+                     'positive.')
+  if config.knn.k <= 0 or config.knn.temperature <= 0:
+    raise ValueError(f'knn.k ({config.knn.k}) and knn.temperature ({config.knn.temperature}) '
+                     f'must be positive.')
+
+
+def train_classifier(config, model_config, params, bn_state, workdir: str) -> dict:
+  """Linear evaluation or fine-tuning; returns held-out top-1/top-5 and the split sizes."""
+  from byol_jax import datasets
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  subset = None
+  if config.labelled_fraction < 1:
+    subset = balanced_subset(split_labels(config, 'labelled_train'),
+                             config.labelled_fraction, config.seed)
+  train_examples = (datasets.num_examples(config, 'labelled_train') if subset is None
+                    else len(subset))
+  experiment = EvalExperiment(config, model_config, train_examples)
+  total = experiment.total_steps
+  print(f'{protocol_name(config)}: {model_config.encoder} x{model_config.width} on '
+        f'{config.dataset} ({train_examples} labelled training images), batch '
+        f'{config.batch_size} over {mesh.devices.size} devices, {total} steps.', flush=True)
+
+  state = experiment.init(params, bn_state, config.image_size)
+  state = parallel.replicate(state, mesh)
+  step_fn = parallel.map_step(experiment.train_step, mesh)
+  # Random crop + flip of the labelled split, or of the subset (positions in its read order).
+  batches = datasets.linear_eval_batches(
+      config, 'train', config.batch_size // jax.process_count(), indices=subset)
+  writer = metrics.MetricWriter(workdir, total, config.batch_size)
+  for step in range(total):
+    state, step_metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+    if step == 0:
+      writer.start(step + 1)  # Excludes compilation from images/s.
+    if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
+      scalars = writer.write(step + 1, step_metrics, prefix='train_')
+      if not np.isfinite(scalars['loss']):
+        raise FloatingPointError(f'Loss is {scalars["loss"]} at step {step + 1}: stopping.')
+
+  eval_fn = parallel.map_step(experiment.eval_step, mesh, donate_state=False)
+  held_out = (parallel.global_batch(batch, mesh)
+              for batch in datasets.eval_batches(config, config.eval_split, EVAL_BATCH))
+  result = accuracy(eval_fn, state, held_out)
+  writer.start(total)  # The next write is not a training interval: no images/s for it.
+  writer.write(total, dict(top1=result['top1'], top5=result['top5']),
+               prefix=f'{config.eval_split}_')
+  writer.close()
+  return dict(result, train_examples=train_examples, steps=total)
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Runs `config.protocol` on `config.checkpoint`; writes and returns WORKDIR/eval_results.json."""
+  model_config, params, bn_state, meta = load_pretrained(config.checkpoint)
+  print(f'Evaluating the online encoder of {config.checkpoint} ({model_config.encoder} '
+        f'x{model_config.width}, pretraining step {meta["step"]} on {meta["dataset"]}).',
+        flush=True)
+  if config.protocol == 'knn':
+    result = knn_evaluate(config, encoder_embed(model_config), params, bn_state,
+                          test_split=config.eval_split, k=config.knn.k,
+                          temperature=config.knn.temperature,
+                          labelled_fraction=config.labelled_fraction)
+    step = int(meta['step'])  # Logged at the pretraining step it measures.
+    writer = metrics.MetricWriter(workdir, total_steps=step, images_per_step=0)
+    writer.write(step, dict(top1=result['top1'], top5=result['top5']),
+                 prefix=f'{config.eval_split}_')
+    writer.close()
+  else:
+    result = train_classifier(config, model_config, params, bn_state, workdir)
+  record = dict(
+      protocol=protocol_name(config), top1=result['top1'], top5=result['top5'],
+      checkpoint=os.path.abspath(config.checkpoint), checkpoint_step=int(meta['step']),
+      encoder=model_config.to_dict(), pretrain_dataset=meta['dataset'],
+      dataset=config.dataset, image_size=config.image_size, eval_split=config.eval_split,
+      eval_examples=result['count'], train_examples=result['train_examples'],
+      labelled_fraction=config.labelled_fraction, seed=config.seed)
+  if config.protocol == 'knn':
+    record.update(k=result['k'], temperature=result['temperature'])
+  else:
+    record.update(steps=result['steps'], batch_size=config.batch_size,
+                  base_lr=config.optimizer.base_lr)
+  print(f'{record["protocol"]} on {config.dataset} {config.eval_split} '
+        f'({record["eval_examples"]} images): top-1 {100 * record["top1"]:.2f}%, top-5 '
+        f'{100 * record["top5"]:.2f}% (training examples {record["train_examples"]}, '
+        f'pretraining step {record["checkpoint_step"]}).', flush=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+      json.dump(record, f, indent=1)
+  return record
