@@ -3,7 +3,8 @@ r"""Entry point: `python -m byol_jax.main_loop --config=configs/byol.py[:preset]
 Overrides follow ml_collections: `--config.batch_size=64 --config.model.encoder=resnet18`.
 The loop, top to bottom: validate the config, build the mesh and experiment, initialise,
 iterate over (seed, step)-determined batches, log, and at the end report representation
-quality with kNN when the config asks for it.
+quality with kNN when the config asks for it. `configs/eval.py` (experiment 'linear_eval')
+runs an evaluation protocol on a pretrained encoder instead (eval_experiment.py).
 """
 
 import json
@@ -15,9 +16,11 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from byol_jax import byol_experiment, knn, metrics, networks, parallel
+from byol_jax import (byol_experiment, checkpointing, distributed, eval_experiment, metrics,
+                      networks, parallel)
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/byol.py).',
+_CONFIG = config_flags.DEFINE_config_file('config', None,
+                                          'Config file (configs/byol.py or configs/eval.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
 
@@ -38,6 +41,8 @@ def validate_config(config):
                      f'({config.num_classes}) must be positive.')
   if config.log_every_steps <= 0:
     raise ValueError(f'log_every_steps must be positive, got {config.log_every_steps}.')
+  if config.knn_every_steps < 0:
+    raise ValueError(f'knn_every_steps must be >= 0 (0: off), got {config.knn_every_steps}.')
 
 
 def _check_finite(step: int, metrics_at_step: dict):
@@ -55,17 +60,21 @@ def train_byol(config, workdir: str):
   train_examples = datasets.num_examples(config, 'train')
   experiment = byol_experiment.ByolExperiment(config, train_examples)
   total = experiment.total_steps
-  print(f'BYOL: {config.model.encoder} x{config.model.width} on {config.dataset} '
-        f'({train_examples} training images), batch {config.batch_size} over '
-        f'{mesh.devices.size} devices, {total} steps.', flush=True)
+  if jax.process_index() == 0:
+    print(f'BYOL: {config.model.encoder} x{config.model.width} on {config.dataset} '
+          f'({train_examples} training images), batch {config.batch_size} over '
+          f'{mesh.devices.size} devices, {total} steps.', flush=True)
 
+  checkpoints = checkpointing.Checkpointer(workdir, config)  # Fails now if it cannot write.
   initial_state = experiment.init(jax.random.PRNGKey(config.seed), config.image_size)
-  start_step = 0
-  state = parallel.replicate(initial_state, mesh)
+  # The latest complete checkpoint, if any: its step drives the LR/tau schedules and the
+  # (seed, step)-determined batches, so the resumed run is the uninterrupted one.
+  start_step, state = checkpoints.restore_or_init(initial_state, mesh)
   step_fn = parallel.map_step(experiment.train_step, mesh)
   batches = datasets.pretrain_batches(config, start_step=start_step)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
 
+  save_schedule = checkpointing.SaveSchedule(config, sync_every=config.log_every_steps)
   previous = None  # (step, metrics): checked one step late so the device never waits on us.
   for step in range(start_step, total):
     state, step_metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
@@ -77,70 +86,35 @@ def train_byol(config, workdir: str):
     if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
       _check_finite(*previous)
       writer.write(step + 1, step_metrics)
-  _check_finite(*previous)
+    if config.knn_every_steps and (step + 1) % config.knn_every_steps == 0 and step + 1 < total:
+      knn_metrics = eval_experiment.knn_monitor(config, experiment, state)
+      writer.start(step + 1)  # The kNN pass is not training time: keep it out of images/s.
+      writer.write(step + 1, knn_metrics)
+    if step + 1 < total and save_schedule.should_save(step + 1):
+      _check_finite(*previous)  # Only a state whose loss was checked finite is saved.
+      checkpoints.save(step + 1, state)
+      if save_schedule.stop_requested:
+        checkpoints.close()  # Waits until the checkpoint is complete on disk.
+        save_schedule.close()
+        writer.close()
+        print(f'Stopped by {save_schedule.stop_reason} at step {step + 1}: checkpoint saved to '
+              f'{checkpoints.step_path(step + 1)}. Rerun the same command to resume.', flush=True)
+        return state
+  if previous is not None:  # None when resuming a run that had already finished.
+    _check_finite(*previous)
+  if checkpoints.latest_step() != total:
+    checkpoints.save(total, state)
+  checkpoints.close()
+  save_schedule.close()  # From here a signal stops at once: the final state is saved.
 
   if config.final_knn.enabled:
-    results = final_knn(config, experiment, state, initial_state)
+    results = eval_experiment.pretraining_knn(config, experiment, state, initial_state)
     writer.write(total, {f'knn_{name}_top1': r['top1'] for name, r in results.items()})
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'knn_results.json'), 'w') as f:
         json.dump(dict(step=total, dataset=config.dataset, **results), f, indent=1)
   writer.close()
   return state
-
-
-def _features(experiment, params, bn_state, batches):
-  embed = jax.jit(experiment.embed)
-  feats, labels = [], []
-  for batch in batches:
-    out = np.asarray(embed(params, bn_state, batch['images']))
-    feats.append(out[batch['mask']])
-    labels.append(batch['labels'][batch['mask']])
-  return np.concatenate(feats), np.concatenate(labels)
-
-
-def final_knn(config, experiment, state, initial_state) -> dict:
-  """kNN top-1 on the validation split: BYOL's online encoder vs two baselines.
-
-  Baselines computed by the same code: the random-init encoder of this very run (its BN
-  moving averages refreshed on training batches first, since a fresh BN state is meaningless in
-  inference mode) and raw pixels (centred, cosine). The bank is the train split, unaugmented.
-  """
-  from byol_jax import datasets
-
-  k, temperature = config.final_knn.k, config.final_knn.temperature
-  eval_batch = 256
-  bank = lambda: datasets.eval_batches(config, 'train', eval_batch)
-  test = lambda: datasets.eval_batches(config, 'validation', eval_batch)
-  online = jax.device_get((state.online_params, state.online_state))
-
-  random_params, random_state = initial_state.online_params, initial_state.online_state
-  recalibrate = jax.jit(experiment.recalibrate_batchnorm)
-  calibration = datasets.pretrain_batches(config, start_step=0)
-  for _ in range(30):
-    random_state = recalibrate(random_params, random_state, next(calibration)['view1'])
-
-  results = {}
-  for name, (params, bn_state) in (('byol', online), ('random_init', (random_params,
-                                                                     random_state))):
-    bank_x, bank_y = _features(experiment, params, bn_state, bank())
-    test_x, test_y = _features(experiment, params, bn_state, test())
-    results[name] = knn.knn_accuracy(bank_x, bank_y, test_x, test_y, k=k,
-                                     temperature=temperature, num_classes=config.num_classes)
-  pixels = lambda batches: (np.concatenate([b['images'][b['mask']].reshape(
-      int(b['mask'].sum()), -1) for b in batches]), np.concatenate(
-          [b['labels'][b['mask']] for b in batches]))
-  bank_x, bank_y = pixels(bank())
-  test_x, test_y = pixels(test())
-  centre = bank_x.mean(axis=0)
-  results['raw_pixels'] = knn.knn_accuracy(bank_x - centre, bank_y, test_x - centre, test_y,
-                                           k=k, temperature=temperature,
-                                           num_classes=config.num_classes)
-  print(f'Representation quality, kNN top-1 (k={k}, T={temperature}) on {len(test_y)} '
-        f'held-out images: BYOL {100 * results["byol"]["top1"]:.1f}% | random-init encoder '
-        f'{100 * results["random_init"]["top1"]:.1f}% | raw pixels '
-        f'{100 * results["raw_pixels"]["top1"]:.1f}%', flush=True)
-  return results
 
 
 def main(argv):
@@ -152,14 +126,21 @@ def main(argv):
   if not workdir:
     sys.exit('error: --workdir is required.')
   try:
-    validate_config(config)
+    # Multi-host: connect the processes before anything touches a device (docs/multihost.md).
+    distributed.initialize_from_flags()
     if config.experiment == 'byol':
+      validate_config(config)
       train_byol(config, workdir)
+    elif config.experiment == 'linear_eval':  # configs/eval.py: all evaluation protocols.
+      eval_experiment.validate_config(config)
+      eval_experiment.evaluate(config, workdir)
     else:
       raise ValueError(f'Unknown experiment {config.experiment!r}.')
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, distributed.DistributedError) as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
+  from byol_jax import xla_cpu_flags  # Faster CPU convolutions; set before JAX starts.
+  xla_cpu_flags.configure()
   app.run(main)
