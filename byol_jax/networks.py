@@ -72,6 +72,19 @@ def _conv_im2col(x, w, stride):
   return jnp.einsum('nhwk,kc->nhwc', patches, kernel)
 
 
+def _use_im2col(height: int, width: int, kernel: int, stride: int) -> bool:
+  """True where XLA:CPU would emit a naive loop for the conv or one of its gradients.
+
+  That is when the window is larger than the input map or than the output map: the second case
+  is a strided conv producing a tiny map (e.g. 4x4 -> 2x2), whose input gradient is a
+  convolution of the tiny output gradient with the window.
+  """
+  if kernel == 1:
+    return False
+  out_h, out_w = -(-height // stride), -(-width // stride)
+  return kernel > min(height, width, out_h, out_w)
+
+
 class Conv2D(hk.Module):
   """SAME conv without bias, kernel HWIO named `w` (same names as `hk.Conv2D`)."""
 
@@ -85,7 +98,7 @@ class Conv2D(hk.Module):
     w = hk.get_parameter('w', (self.kernel, self.kernel, cin, self.channels), jnp.float32,
                          init=w_init)
     w = w.astype(x.dtype)
-    if self.kernel > 1 and (self.kernel > x.shape[1] or self.kernel > x.shape[2]):
+    if _use_im2col(x.shape[1], x.shape[2], self.kernel, self.stride):
       return _conv_im2col(x, w, self.stride)
     return jax.lax.conv_general_dilated(
         x, w, (self.stride, self.stride), 'SAME',
@@ -240,9 +253,9 @@ def param_count(params) -> int:
 def encoder_feature_size(model_config, image_size: int = 32) -> int:
   """Width of the pooled features (e.g. 2048 for ResNet-50 1x), by shape inference."""
   def fn(x):
-    return make_encoder(model_config)(x, is_training=False)
+    return make_encoder(model_config)(x, is_training=True)
   f = hk.transform_with_state(fn)
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
   params, state = jax.eval_shape(f.init, jax.random.PRNGKey(0), x)
   out, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x), params, state, x)
   return int(out.shape[-1])
