@@ -22,10 +22,12 @@ Presets (the part after the colon; default `imagenet`):
   Expected: see experiments/RESULTS.md (measured kNN top-1 and the baselines).
 
 * `demo` — a complete offline run on scikit-learn's handwritten digits (1,797 real 8x8 images,
-  upsampled to 16 px), a narrow CIFAR-stem ResNet-18, about 2 minutes on a 2-core laptop. It ends
-  with a kNN (k=20) accuracy on 297 held-out digits for the BYOL encoder next to a random-init
-  encoder of the same architecture.
+  upsampled to 16 px), a narrow CIFAR-stem ResNet-18, 1,171 steps (a few minutes on an idle
+  2-core machine). It ends with a kNN (k=20) accuracy on 297 held-out digits for the BYOL encoder
+  next to a random-init encoder of the same architecture and raw pixels.
     python -m byol_jax.main_loop --config=configs/byol.py:demo --workdir=/tmp/byol_demo
+  Expected (measured 2026-11-29, seed 0): BYOL 89.9%, random-init encoder 75.8%, raw pixels
+  93.9%; the loss falls from ~4.0 to ~1.3.
   Deliberate departures from the reference, because LARS tuned for batch 4096 barely moves in
   ~1,000 small steps (see README "Faithful to the reference"): AdamW instead of LARS, milder
   crops (scale [0.5, 1]), no flips (they change digit identity), no blur.
