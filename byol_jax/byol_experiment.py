@@ -93,11 +93,12 @@ class ByolExperiment:
     self.target_ema = target_ema.target_ema(self.tau_schedule)
     self.net = make_network(config, axis_name=None)  # Init / single-device inference.
     self.net_parallel = make_network(config, axis_name=AXIS)  # Inside the mapped step.
+    # Jitted once: op-by-op initialisation of a ResNet is tens of seconds on a small CPU.
+    self._jitted_init = jax.jit(self._init, static_argnums=1)
 
   def init(self, rng, image_size: int) -> TrainState:
     """Online and target networks from *different* keys, as the reference does."""
-    # Jitted: op-by-op initialisation of a ResNet is tens of seconds on a small CPU.
-    return jax.jit(self._init, static_argnums=1)(rng, image_size)
+    return self._jitted_init(rng, image_size)
 
   def _init(self, rng, image_size: int) -> TrainState:
     online_key, target_key = jax.random.split(rng)

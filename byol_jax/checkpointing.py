@@ -215,7 +215,8 @@ class Checkpointer:
 
   def _check_writable(self):
     """Fails at start-up, not after hours of training, when checkpoints cannot be written."""
-    if _is_primary():
+    reason = None
+    if _is_primary():  # Shared file system: one probe; the others learn the outcome below.
       probe = os.path.join(self.directory, f'.write_test.{os.getpid()}')
       try:
         os.makedirs(self.directory, exist_ok=True)
@@ -223,9 +224,10 @@ class Checkpointer:
           f.write('ok')
         os.remove(probe)
       except OSError as e:
-        raise CheckpointError(f'Cannot write checkpoints to {self.directory}: '
-                              f'{e.strerror or e}. Choose a writable --workdir.') from None
-    _sync('writable')
+        reason = e.strerror or str(e)
+    if not _all_processes(reason is None):  # Every process raises, none waits for the rest.
+      raise CheckpointError(f'Cannot write checkpoints to {self.directory}: '
+                            f'{reason or "failed on process 0"}. Choose a writable --workdir.')
 
   def _make_manager(self):
     keep = self.config.keep_checkpoints
