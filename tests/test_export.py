@@ -11,31 +11,19 @@ import jax
 import numpy as np
 import pytest
 
-import byol  # configs/byol.py (conftest puts configs/ on the path).
 from byol_jax import byol_experiment, checkpointing, export, parallel
+from test_checkpointing import tiny_config  # One tiny-model config for both test files.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config():
-  config = byol.get_config('demo')
-  with config.unlocked():
-    config.model.encoder = 'tiny'
-    config.model.width = 1.0
-    config.model.projector_hidden_size = 32
-    config.model.predictor_hidden_size = 32
-    config.model.projection_size = 16
-    config.image_size = 8
-    config.batch_size = 8
-    config.max_steps = 10
-  return config
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """A workdir whose checkpoint holds a state after two real steps (non-trivial BN stats)."""
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny_config()
+  config = tiny_config(max_steps=10)
   mesh = parallel.make_mesh()
   experiment = byol_experiment.ByolExperiment(config, 100)
   state = parallel.replicate(experiment.init(jax.random.PRNGKey(0), 8), mesh)
