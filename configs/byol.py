@@ -15,11 +15,14 @@ Presets (the part after the colon; default `imagenet`):
   Expected (peers, GPU): ~92% linear / ~91% kNN top-1 after 800-1000 epochs.
 
 * `cifar10_cpu` — a learning run that fits 30 minutes on a 2-core CPU: ResNet-18 at width 1/4
-  (CIFAR stem), batch 64, 5,000 AdamW steps (~7 epochs) on the shared CIFAR-10 JPEG folder,
-  last 500 images per class held out; kNN (k=200) every 1,250 steps and at the end next to a
-  random-init encoder and raw pixels.
+  (CIFAR stem), batch 64, 1,400 AdamW steps (2 epochs) on the shared CIFAR-10 JPEG folder,
+  last 500 images per class held out; kNN (k=200, T=0.1) every 350 steps and at the end next
+  to a random-init encoder and raw pixels.
     python -m byol_jax.main_loop --config=configs/byol.py:cifar10_cpu --workdir=/tmp/byol_cifar_cpu
-  Expected: see experiments/RESULTS.md (measured kNN top-1 and the baselines).
+  Expected (measured 2026-11-29, seed 0, 28m47s wall): kNN top-1 BYOL 31.6%, random-init
+  encoder 23.5%, raw pixels 40.2%. BYOL learns (+8 points over its random init) but stays
+  below raw pixels: the issue's target (raw pixels + 15) is not met in 30 minutes on this
+  machine. Curves and what was tried: experiments/RESULTS.md.
 
 * `demo` — a complete offline run on scikit-learn's handwritten digits (1,797 real 8x8 images,
   upsampled to 16 px), a narrow CIFAR-stem ResNet-18, 1,171 steps (a few minutes on an idle
@@ -169,14 +172,17 @@ def get_config(preset='imagenet'):
     config.num_classes = 10
     config.image_size = 32
     config.batch_size = 64
-    config.max_steps = 5_000  # ~7 epochs of 45,000 images at ~220 images/s.
+    # Sized on 2026-11-29 from the preset's own speed on the 2-core machine, ~70 images/s:
+    # 1,400 steps (~2 epochs) train in ~22 min, leaving ~8 min for start-up, three kNN
+    # monitors and the final kNN with its two baselines.
+    config.max_steps = 1_400
     config.data.validation_examples = 5_000  # The last 500 images of each class.
     config.augment.crop_scale = (0.2, 1.0)
     _small_cpu_budget(config)
     config.optimizer.warmup_steps = 150
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 1000
-    config.knn_every_steps = 1250
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 350
+    config.knn_every_steps = 350
     config.final_knn.enabled = True
   elif preset == 'demo':
     config.dataset = 'digits'
