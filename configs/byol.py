@@ -26,8 +26,9 @@ Presets (the part after the colon; default `imagenet`):
 
 * `demo` — a complete offline run on scikit-learn's handwritten digits (1,797 real 8x8 images,
   upsampled to 16 px), a narrow CIFAR-stem ResNet-18, 1,171 steps (~7 minutes on an idle
-  2-core machine, measured 2026-11-29). It ends with a kNN (k=20) accuracy on 297 held-out digits for the BYOL encoder
-  next to a random-init encoder of the same architecture and raw pixels.
+  2-core machine, measured 2026-11-29). It ends with a kNN (k=20) accuracy on 297 held-out
+  digits for the BYOL encoder next to a random-init encoder of the same architecture and raw
+  pixels.
     python -m byol_jax.main_loop --config=configs/byol.py:demo --workdir=/tmp/byol_demo
   Expected (measured 2026-11-29, seed 0): BYOL 89.9%, random-init encoder 75.8%, raw pixels
   93.9%; the loss falls from ~4.0 to ~1.3.
