@@ -350,10 +350,8 @@ class Checkpointer:
       saved_config = restored.config
       differences = config_differences(saved_config, self._config_dict)
       if differences:
-        if self.config.get('restart_from_scratch', False):
-          self._restart_from_scratch(f'its config differs ({", ".join(differences)})')
-          return None
-        raise CheckpointError(
+        return self._restart_or_fail(
+            f'its config differs ({", ".join(differences)})',
             f'The checkpoint {self.step_path(step)} was written with a different config: '
             f'{"; ".join(differences)}. Rerun with the original values, use a new --workdir, '
             f'or pass --config.restart_from_scratch=True to move the old checkpoints aside.')
@@ -370,10 +368,8 @@ class Checkpointer:
       _say(f'Resuming from checkpoint {self.step_path(step)} (step {step}).')
       return step, state
 
-    if self.config.get('restart_from_scratch', False):
-      self._restart_from_scratch(f'none of its {len(steps)} checkpoints can be read')
-      return None
-    raise CheckpointError(
+    return self._restart_or_fail(
+        f'none of its {len(steps)} checkpoints can be read',
         f'None of the {len(steps)} checkpoints in {self.directory} (steps '
         f'{", ".join(map(str, sorted(steps)))}) can be read; not starting from scratch over an '
         f'existing run. Pass --config.restart_from_scratch=True to move them aside and start '
@@ -389,6 +385,13 @@ class Checkpointer:
       _warn(f'moved the unreadable checkpoint of step {step} to {destination}.')
     if steps:
       self._manager.reload()
+
+  def _restart_or_fail(self, why: str, error: str):
+    """None after moving the checkpoints aside when restart_from_scratch is set; else raises."""
+    if self.config.get('restart_from_scratch', False):
+      self._restart_from_scratch(why)
+      return None
+    raise CheckpointError(error)
 
   def _restart_from_scratch(self, why: str):
     self._manager.close()

@@ -45,6 +45,13 @@ def tiny_config(**overrides):
   return config
 
 
+def random_batch(rng, batch_size=8, image_size=8):
+  """Two random views and labels in [0, 10): one training batch for tiny_config()."""
+  shape = (batch_size, image_size, image_size, 3)
+  return dict(view1=rng.random(shape, np.float32), view2=rng.random(shape, np.float32),
+              labels=rng.integers(0, 10, batch_size).astype(np.int32))
+
+
 @pytest.fixture(scope='module')
 def mesh():
   return parallel.make_mesh()
@@ -62,9 +69,7 @@ def trained_states(mesh):
   rng = np.random.default_rng(0)
   states = []
   for _ in range(3):
-    batch = dict(view1=rng.random((8, 8, 8, 3), np.float32),
-                 view2=rng.random((8, 8, 8, 3), np.float32),
-                 labels=rng.integers(0, 10, 8).astype(np.int32))
+    batch = random_batch(rng)
     state, _ = step_fn(state, parallel.global_batch(batch, mesh))
     states.append(state)
   return experiment, states, initial
@@ -148,9 +153,7 @@ def test_async_save_is_immune_to_the_next_donating_steps(tmp_path, mesh, trained
   checkpoints.save(1, state)
   rng = np.random.default_rng(5)
   for _ in range(3):
-    batch = dict(view1=rng.random((8, 8, 8, 3), np.float32),
-                 view2=rng.random((8, 8, 8, 3), np.float32),
-                 labels=rng.integers(0, 10, 8).astype(np.int32))
+    batch = random_batch(rng)
     state, _ = step_fn(state, parallel.global_batch(batch, mesh))
   checkpoints.close()
   _, restored, _ = checkpointing.restore_state(

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from byol_jax import byol_experiment, checkpointing, export, parallel
-from test_checkpointing import tiny_config  # One tiny-model config for both test files.
+# One tiny-model config and batch for both test files.
+from test_checkpointing import random_batch, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,9 +31,7 @@ def run(tmp_path_factory):
   step_fn = parallel.map_step(experiment.train_step, mesh)
   rng = np.random.default_rng(0)
   for _ in range(2):
-    batch = dict(view1=rng.random((8, 8, 8, 3), np.float32),
-                 view2=rng.random((8, 8, 8, 3), np.float32),
-                 labels=rng.integers(0, 10, 8).astype(np.int32))
+    batch = random_batch(rng)
     state, _ = step_fn(state, parallel.global_batch(batch, mesh))
   checkpoints = checkpointing.Checkpointer(workdir, config)
   checkpoints.save(2, state)
