@@ -26,7 +26,8 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
-def l2_normalize(x, eps=1e-10):
+def l2_normalize(x, eps=1e-12):
+  """x / max(||x||, 1e-6): the reference's epsilon (1e-12 on the squared norm)."""
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
@@ -39,9 +40,9 @@ def regression_loss(prediction, target):
 def make_network(config, axis_name=None):
   """`hk.transform_with_state` of the whole BYOL network.
 
-  apply(params, state, None, images, is_training, online) -> (outputs, state). With
-  `online=False` (the target) only the encoder and projector run; the target's tree still holds
-  a predictor and classifier because it mirrors the online tree, as in the reference.
+  apply(params, state, None, images, is_training, online) -> (outputs, state). The training
+  step runs the whole network for both the online and the target parameters (the reference
+  does); `online=False` runs only the encoder and projector, for embedding images.
   """
   model = config.model
   dtype = networks.compute_dtype(model)
@@ -119,11 +120,11 @@ class ByolExperiment:
     apply = self.net_parallel.apply
     view1, view2, labels = batch['view1'], batch['view2'], batch['labels']
 
-    # Target forward: no gradient ever flows here; its BN state updates on its own.
-    t1, target_state = apply(state.target.params, state.target_state, None, view1, True,
-                             online=False)
-    t2, target_state = apply(state.target.params, target_state, None, view2, True,
-                             online=False)
+    # Target forward: no gradient ever flows here; its BN state updates on its own. The whole
+    # network runs, predictor included, as in the reference: only the projection is used, but
+    # the target's predictor BatchNorm statistics move with its forward passes.
+    t1, target_state = apply(state.target.params, state.target_state, None, view1, True)
+    t2, target_state = apply(state.target.params, target_state, None, view2, True)
 
     def loss_fn(online_params):
       o1, online_state = apply(online_params, state.online_state, None, view1, True)

@@ -5,12 +5,12 @@ loading it never executes code. It holds only the online encoder (no target netw
 projector/predictor/classifier heads, no optimizer state):
 
   params/<module>/<name>   the encoder's Haiku parameters, float32, e.g.
-                           params/encoder/stem_conv/w          HWIO conv kernel [kh, kw, in, out]
-                           params/encoder/stem_bn/scale        BatchNorm scale  [1, 1, 1, C]
-                           params/encoder/stem_bn/offset       BatchNorm offset [1, 1, 1, C]
+                           params/encoder/initial_conv/w          HWIO conv kernel [kh, kw, in, out]
+                           params/encoder/initial_batchnorm/scale BatchNorm scale  [1, 1, 1, C]
+                           params/encoder/initial_batchnorm/offset BatchNorm offset [1, 1, 1, C]
   state/<module>/<name>    BatchNorm statistics, e.g.
-                           state/encoder/stem_bn/~/mean_ema/average   moving mean     [1, 1, 1, C]
-                           state/encoder/stem_bn/~/var_ema/average    moving variance [1, 1, 1, C]
+                           state/encoder/initial_batchnorm/~/mean_ema/average  moving mean
+                           state/encoder/initial_batchnorm/~/var_ema/average   moving variance
                            (plus the EMAs' `hidden` and `counter`, which inference ignores)
   meta                     a 0-d string: JSON with format, format_version, step, dataset,
                            image_size, num_classes, seed, source, and `model` (the config.model
@@ -38,7 +38,9 @@ import numpy as np
 from byol_jax import checkpointing, networks
 
 FORMAT = 'byol_jax.encoder'
-FORMAT_VERSION = 1
+# 2: the reference's module names and architecture (stage-0 projection for ResNet-18/34, the
+# reference's initial kernels). Version-1 files name their modules differently.
+FORMAT_VERSION = 2
 _PARAMS, _STATE, _META = 'params/', 'state/', 'meta'
 
 
@@ -144,9 +146,10 @@ def _parse_meta(data, path) -> dict:
   meta = json.loads(str(data[_META]))
   if meta.get('format') != FORMAT:
     raise ValueError(f'{path} has format {meta.get("format")!r}, expected {FORMAT!r}.')
-  if meta.get('format_version', 0) > FORMAT_VERSION:
-    raise ValueError(f'{path} has format_version {meta["format_version"]}; this code reads '
-                     f'up to {FORMAT_VERSION}.')
+  if meta.get('format_version', 0) != FORMAT_VERSION:
+    raise ValueError(f'{path} has format_version {meta.get("format_version")}; this code reads '
+                     f'{FORMAT_VERSION} (version 1 predates the reference module names: '
+                     f're-export with the byol_jax version that wrote it).')
   return meta
 
 

@@ -8,6 +8,7 @@ convolution kernels are HWIO, activations NHWC, padding is TF/Haiku SAME (for st
 pixel of padding goes on the bottom/right, unlike PyTorch's symmetric padding).
 """
 
+import functools
 from typing import Optional
 
 import haiku as hk
@@ -18,16 +19,20 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Blocks per stage and whether the blocks are bottlenecks.
+# depth -> (blocks per group, channels per group, bottleneck), as the reference's ResNet classes
+# (channels at width 1; a bottleneck block's inner convs have a quarter of them).
 RESNET_DEPTHS = {
-    18: ((2, 2, 2, 2), False),
-    34: ((3, 4, 6, 3), False),
-    50: ((3, 4, 6, 3), True),
-    101: ((3, 4, 23, 3), True),
-    152: ((3, 8, 36, 3), True),
-    200: ((3, 24, 36, 3), True),
+    18: ((2, 2, 2, 2), (64, 128, 256, 512), False),
+    34: ((3, 4, 6, 3), (64, 128, 256, 512), False),
+    50: ((3, 4, 6, 3), (256, 512, 1024, 2048), True),
+    101: ((3, 4, 23, 3), (256, 512, 1024, 2048), True),
+    152: ((3, 8, 36, 3), (256, 512, 1024, 2048), True),
+    200: ((3, 24, 36, 3), (256, 512, 1024, 2048), True),
 }
-ENCODERS = tuple(f'resnet{d}' for d in RESNET_DEPTHS) + ('tiny',)
+# The reference's TinyResNet (its network for local runs and tests): one basic block per group,
+# 8 channels everywhere, the full 64-channel 7x7 stem.
+TINY_RESNET = ((1, 1, 1, 1), (8, 8, 8, 8), False)
+ENCODERS = tuple(f'resnet{d}' for d in RESNET_DEPTHS) + ('tiny_resnet', 'tiny')
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -86,7 +91,12 @@ def _use_im2col(height: int, width: int, kernel: int, stride: int) -> bool:
 
 
 class Conv2D(hk.Module):
-  """SAME conv without bias, kernel HWIO named `w` (same names as `hk.Conv2D`)."""
+  """SAME conv without bias, kernel HWIO named `w`: `hk.Conv2D`'s names and initialisation.
+
+  The kernel starts as `hk.Conv2D`'s default, as in the reference: a normal truncated at two
+  standard deviations with stddev 1/sqrt(fan_in) and no correction for the truncation (the
+  realised std is 0.88/sqrt(fan_in); VarianceScaling would be 1.137x wider).
+  """
 
   def __init__(self, channels: int, kernel: int, stride: int = 1, name: Optional[str] = None):
     super().__init__(name=name)
@@ -94,7 +104,7 @@ class Conv2D(hk.Module):
 
   def __call__(self, x):
     cin = x.shape[-1]
-    w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'truncated_normal')
+    w_init = hk.initializers.TruncatedNormal(stddev=1. / np.sqrt(self.kernel * self.kernel * cin))
     w = hk.get_parameter('w', (self.kernel, self.kernel, cin, self.channels), jnp.float32,
                          init=w_init)
     w = w.astype(x.dtype)
@@ -109,9 +119,10 @@ class BatchNorm(hk.BatchNorm):
   """BatchNorm with the reference's settings; statistics in float32 whatever the input dtype."""
 
   def __init__(self, decay: float, eps: float, cross_replica_axis: Optional[str],
-               name: Optional[str] = None):
+               zero_scale: bool = False, name: Optional[str] = None):
     super().__init__(create_scale=True, create_offset=True, decay_rate=decay, eps=eps,
-                     scale_init=jnp.ones, cross_replica_axis=cross_replica_axis, name=name)
+                     scale_init=jnp.zeros if zero_scale else jnp.ones,
+                     cross_replica_axis=cross_replica_axis, name=name)
 
   def __call__(self, x, is_training):
     dtype = x.dtype
@@ -119,12 +130,19 @@ class BatchNorm(hk.BatchNorm):
 
 
 class _Block(hk.Module):
-  """Residual block, v1 (post-activation) or v2 (pre-activation); stride on the 3x3 conv."""
+  """Residual block, v1 (post-activation) or v2 (pre-activation); stride on the 3x3 conv.
 
-  def __init__(self, channels, stride, bottleneck, use_projection, v2, bn, name=None):
+  Module names and creation order follow Haiku's BlockV1 / BlockV2, which the reference uses,
+  so that the same key gives the same initial weights and the reference's checkpoints map
+  onto this tree by name (reference_checkpoint.py).
+  """
+
+  def __init__(self, channels, stride, *, use_projection, bottleneck, v2, bn, zero_init_last_bn,
+               name=None):
     super().__init__(name=name)
     self.channels, self.stride, self.bottleneck = channels, stride, bottleneck
     self.use_projection, self.v2, self.bn = use_projection, v2, bn
+    self.zero_init_last_bn = zero_init_last_bn
 
   def __call__(self, x, is_training):
     c = self.channels
@@ -134,60 +152,86 @@ class _Block(hk.Module):
       convs = [(c, 3, self.stride), (c, 3, 1)]
     shortcut = x
     if self.v2:
-      x = jax.nn.relu(self.bn(name='preact_bn')(x, is_training))
-      if self.use_projection:
-        shortcut = Conv2D(c, 1, self.stride, name='shortcut_conv')(x)
       for i, (ch, k, s) in enumerate(convs):
-        if i:
-          x = jax.nn.relu(self.bn(name=f'bn_{i - 1}')(x, is_training))
+        x = jax.nn.relu(self.bn(f'batchnorm_{i}')(x, is_training))
+        if i == 0 and self.use_projection:
+          shortcut = Conv2D(c, 1, self.stride, name='shortcut_conv')(x)
         x = Conv2D(ch, k, s, name=f'conv_{i}')(x)
       return x + shortcut
     if self.use_projection:
       shortcut = Conv2D(c, 1, self.stride, name='shortcut_conv')(x)
-      shortcut = self.bn(name='shortcut_bn')(shortcut, is_training)
+      shortcut = self.bn('shortcut_batchnorm')(shortcut, is_training)
     for i, (ch, k, s) in enumerate(convs):
+      last = i == len(convs) - 1
       x = Conv2D(ch, k, s, name=f'conv_{i}')(x)
-      x = self.bn(name=f'bn_{i}')(x, is_training)  # Scale initialised to 1, as the reference.
-      if i < len(convs) - 1:
+      # Haiku's BlockV1 (the reference code) starts the last BN of a bottleneck at scale 0
+      # (Goyal et al.); the paper's numbers used 1 (reference README). model.zero_init_last_bn.
+      zero = last and self.bottleneck and self.zero_init_last_bn
+      x = self.bn(f'batchnorm_{i}', zero_scale=zero)(x, is_training)
+      if not last:
         x = jax.nn.relu(x)
     return jax.nn.relu(x + shortcut)
 
 
-class ResNet(hk.Module):
-  """ResNet-18..200 encoder returning globally pooled features (no classifier)."""
+class _BlockGroup(hk.Module):
+  """The blocks of one stage (Haiku's BlockGroup): the first strides and projects."""
 
-  def __init__(self, depth: int, width: float = 1.0, v2: bool = False, cifar_stem: bool = False,
+  def __init__(self, channels, num_blocks, stride, make_block, name=None):
+    super().__init__(name=name)
+    self.channels, self.num_blocks, self.stride = channels, num_blocks, stride
+    self.make_block = make_block
+
+  def __call__(self, x, is_training):
+    for b in range(self.num_blocks):
+      # The reference projects the shortcut of every group's first block, stage 0 included
+      # (use_projection=(True,) * 4), even where the shapes would allow an identity.
+      x = self.make_block(self.channels, self.stride if b == 0 else 1,
+                          use_projection=b == 0, name=f'block_{b}')(x, is_training)
+    return x
+
+
+class ResNet(hk.Module):
+  """ResNet encoder returning globally pooled features (no classifier), the reference's torso.
+
+  `blocks`, `channels` (at width 1, per group) and `bottleneck` describe the architecture
+  (RESNET_DEPTHS, TINY_RESNET). Module names mirror the reference's (`initial_conv`,
+  `initial_batchnorm`, `block_group_{g}/block_{b}/conv_{i}`, `batchnorm_{i}`, `shortcut_conv`,
+  `shortcut_batchnorm`, `final_batchnorm`).
+  """
+
+  def __init__(self, blocks, channels, bottleneck, width: float = 1.0, v2: bool = False,
+               cifar_stem: bool = False, zero_init_last_bn: bool = True,
                bn_decay: float = 0.9, bn_eps: float = 1e-5,
                cross_replica_axis: Optional[str] = None, name: Optional[str] = None):
     super().__init__(name=name)
-    if depth not in RESNET_DEPTHS:
-      raise ValueError(f'Unknown ResNet depth {depth}: choose from {sorted(RESNET_DEPTHS)}.')
-    self.blocks, self.bottleneck = RESNET_DEPTHS[depth]
+    self.blocks, self.channels, self.bottleneck = blocks, channels, bottleneck
     self.width, self.v2, self.cifar_stem = width, v2, cifar_stem
-    self.bn = lambda name: BatchNorm(bn_decay, bn_eps, cross_replica_axis, name=name)
+    self.zero_init_last_bn = zero_init_last_bn
+    self.bn = lambda name, zero_scale=False: BatchNorm(
+        bn_decay, bn_eps, cross_replica_axis, zero_scale=zero_scale, name=name)
 
   def __call__(self, images, is_training):
     x = normalize_images(images)
     stem = max(1, int(64 * self.width))
-    if self.cifar_stem:
-      x = Conv2D(stem, 3, 1, name='stem_conv')(x)
+    if self.cifar_stem:  # A departure for 32-64 px images; the reference has only the 7x7.
+      x = Conv2D(stem, 3, 1, name='initial_conv')(x)
     else:
-      x = Conv2D(stem, 7, 2, name='stem_conv')(x)
+      x = Conv2D(stem, 7, 2, name='initial_conv')(x)
     if not self.v2:
-      x = jax.nn.relu(self.bn('stem_bn')(x, is_training))
+      x = jax.nn.relu(self.bn('initial_batchnorm')(x, is_training))
     if not self.cifar_stem:
       x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
     expansion = 4 if self.bottleneck else 1
-    for stage, num_blocks in enumerate(self.blocks):
-      channels = max(1, int(64 * self.width * 2**stage)) * expansion
-      for b in range(num_blocks):
-        stride = 2 if (b == 0 and stage > 0) else 1
-        x = _Block(channels, stride, self.bottleneck,
-                   use_projection=(b == 0 and (stage > 0 or self.bottleneck
-                                               or channels != stem)),
-                   v2=self.v2, bn=self.bn, name=f'stage{stage}_block{b}')(x, is_training)
+    # A plain function, not a method: a module built inside a method of this module would be
+    # named after the method (`encoder/~_block/...`).
+    make_block = functools.partial(_Block, bottleneck=self.bottleneck, v2=self.v2, bn=self.bn,
+                                   zero_init_last_bn=self.zero_init_last_bn)
+    for group, (num_blocks, channels) in enumerate(zip(self.blocks, self.channels)):
+      channels = max(1, int(channels // expansion * self.width)) * expansion
+      x = _BlockGroup(channels, num_blocks, 1 if group == 0 else 2, make_block,
+                      name=f'block_group_{group}')(x, is_training)
     if self.v2:
-      x = jax.nn.relu(self.bn('final_bn')(x, is_training))
+      x = jax.nn.relu(self.bn('final_batchnorm')(x, is_training))
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
@@ -209,33 +253,48 @@ class TinyEncoder(hk.Module):
 
 
 class MLP(hk.Module):
-  """Projector / predictor: Linear -> BN -> ReLU -> Linear (no BN on the output)."""
+  """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (no BN on the output).
+
+  As the reference: `linear` (with bias), `batch_norm`, `linear_1` (`with_bias=False`), Haiku's
+  default Linear initialisation (truncated normal, stddev 1/sqrt(fan_in)).
+  """
 
   def __init__(self, hidden_size: int, output_size: int, bn_decay: float = 0.9,
                bn_eps: float = 1e-5, cross_replica_axis: Optional[str] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.hidden_size, self.output_size = hidden_size, output_size
-    self.bn = BatchNorm(bn_decay, bn_eps, cross_replica_axis, name='bn')
+    self.bn_args = (bn_decay, bn_eps, cross_replica_axis)
 
   def __call__(self, x, is_training):
-    x = hk.Linear(self.hidden_size, name='linear_0')(x)
-    x = jax.nn.relu(self.bn(x, is_training))
-    return hk.Linear(self.output_size, name='linear_1')(x)
+    x = hk.Linear(self.hidden_size, name='linear')(x)
+    x = jax.nn.relu(BatchNorm(*self.bn_args, name='batch_norm')(x, is_training))
+    return hk.Linear(self.output_size, with_bias=False, name='linear_1')(x)
 
 
 def make_encoder(model_config, cross_replica_axis: Optional[str] = None, name='encoder'):
-  """Builds the encoder named by `model_config.encoder` (inside a Haiku transform)."""
+  """Builds the encoder named by `model_config.encoder` (inside a Haiku transform).
+
+  The one place an encoder is built: pretraining, evaluation, export and feature-size
+  inference all come here.
+  """
   kind = model_config.encoder
   bn = dict(bn_decay=model_config.bn_decay, bn_eps=model_config.bn_eps,
             cross_replica_axis=cross_replica_axis)
   if kind == 'tiny':
     return TinyEncoder(max(1, int(8 * model_config.width)), name=name, **bn)
-  if kind.startswith('resnet') and kind[len('resnet'):].isdigit():
-    return ResNet(int(kind[len('resnet'):]), width=model_config.width,
-                  v2=model_config.resnet_v2, cifar_stem=model_config.cifar_stem,
-                  name=name, **bn)
-  raise ValueError(f'Unknown encoder {kind!r}: choose from {", ".join(ENCODERS)}.')
+  if kind == 'tiny_resnet':
+    architecture = TINY_RESNET
+  elif kind.startswith('resnet') and kind[len('resnet'):].isdigit():
+    depth = int(kind[len('resnet'):])
+    if depth not in RESNET_DEPTHS:
+      raise ValueError(f'Unknown ResNet depth {depth}: choose from {sorted(RESNET_DEPTHS)}.')
+    architecture = RESNET_DEPTHS[depth]
+  else:
+    raise ValueError(f'Unknown encoder {kind!r}: choose from {", ".join(ENCODERS)}.')
+  return ResNet(*architecture, width=model_config.width, v2=model_config.resnet_v2,
+                cifar_stem=model_config.cifar_stem,
+                zero_init_last_bn=model_config.get('zero_init_last_bn', True), name=name, **bn)
 
 
 def compute_dtype(model_config):
