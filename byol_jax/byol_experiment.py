@@ -11,6 +11,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from byol_jax import networks, optimizers, schedules, target_ema
 
@@ -98,14 +99,34 @@ class ByolExperiment:
     self._jitted_init = jax.jit(self._init, static_argnums=1)
 
   def init(self, rng, image_size: int) -> TrainState:
-    """Online and target networks from *different* keys, as the reference does."""
+    """Online and target networks from *different* keys, as the reference does.
+
+    The parameters are the reference's for the same key. The BatchNorm statistics are those of
+    a forward pass of blank images: use `init_from_batch` to start a run as the reference does.
+    """
     return self._jitted_init(rng, image_size)
 
   def _init(self, rng, image_size: int) -> TrainState:
-    online_key, target_key = jax.random.split(rng)
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    online_params, online_state = self.net.init(online_key, dummy, True)
-    target_params, target_state = self.net.init(target_key, dummy, True)
+    return self._init_on_images(self.net, rng, dummy)
+
+  def init_from_batch(self, rng, batch, mesh) -> TrainState:
+    """The reference's initial state: parameters as `init`; BatchNorm state as Haiku's `init`
+    leaves it after the reference's init pass over the first training batch: each moving
+    average holds that batch's first-view statistics (cross-replica over `mesh`, as its pmapped
+    init), with the EMA counter and hidden value still 0. `batch` is the global batch
+    (`parallel.global_batch`); the state comes back replicated over `mesh`.
+    """
+    mapped = jax.jit(jax.shard_map(
+        lambda key, view1: self._init_on_images(self.net_parallel, key, view1),
+        mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+    return mapped(rng, batch['view1'])
+
+  def _init_on_images(self, net, rng, images) -> TrainState:
+    online_key, target_key = jax.random.split(rng)
+
+    online_params, online_state = net.init(online_key, images, True)
+    target_params, target_state = net.init(target_key, images, True)
     return TrainState(step=jnp.zeros((), jnp.int32), online_params=online_params,
                       online_state=online_state, target=self.target_ema.init(target_params),
                       target_state=target_state,
