@@ -7,6 +7,12 @@ Crops come in two forms, because images share a size only after cropping:
   bicubic resampling written as two matrix products per image; used for in-memory datasets,
   where it is much cheaper than one small graph per image).
 
+Crop windows follow the reference's ImageNet pipeline: one random draw per window, clipped to
+the image (`sample_crop_windows`, `config.augment.crop_sampler='reference'`; 'torchvision'
+selects the 10-try-then-centre sampler instead), and evaluation's centre square of 224/256 of
+the short side, truncated to whole pixels. The two views of an image are two independent
+windows of the same decoded image.
+
 The photometric ops (`flip`, `color_jitter`, `to_grayscale`, `gaussian_blur`, `solarize`, and
 their composition `view`) take float32 batches [B, S, S, 3] in [0, 1]. Every random quantity
 is drawn with shape [B], so each image gets its own parameters; a draw is never shared by the
@@ -27,8 +33,10 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 # Proportion of the short side kept by evaluation centre crops (the reference's 224 / 256).
 CENTER_CROP_FRACTION = 0.875
-# Candidate windows drawn for a random resized crop before falling back to a centre crop.
-_CROP_ATTEMPTS = 10
+# Random-resized-crop samplers (`sample_crop_windows`): the reference's single draw, or
+# torchvision's 10 candidate windows before falling back to a centre crop.
+CROP_SAMPLERS = ('reference', 'torchvision')
+_TORCHVISION_CROP_ATTEMPTS = 10
 # tf.image.resize (bicubic) looks its cubic weights up in a table of this many fractional
 # positions; the batched crop rounds the same way so that both crop paths agree.
 _BICUBIC_TABLE_SIZE = 1024
@@ -73,28 +81,52 @@ def _clip(images):
 # Geometry.
 
 
-def sample_crop_windows(seed, height, width, num, scale, ratio):
+def sample_crop_windows(seed, height, width, num, scale, ratio, sampler='reference'):
   """Draws `num` random-resized-crop windows (y, x, h, w), each int32 [num].
 
-  For each window the area is a uniform fraction in `scale` of height x width and the aspect
-  ratio w / h is log-uniform in `ratio`. Of 10 candidates the first that fits inside the image
-  is kept; if none fits (extreme ratios, tiny images) the window is the largest centred one
-  with an allowed ratio. Offsets are uniform over the positions where the window fits.
+  `sampler` (`config.augment.crop_sampler`):
+
+  * 'reference' (default; BYOL's own ImageNet pipeline): ONE draw per window. The area is a
+    uniform fraction in `scale` of height x width, the aspect ratio w / h is log-uniform in
+    `ratio`, w = round(sqrt(area x ratio)) and h = round(sqrt(area / ratio)), each then clipped
+    to the image side (and to at least 1 pixel). No retries and no fallback: a draw that does
+    not fit is clipped, so large crops of the whole width or height are common. Mean area
+    fraction ~0.51 at scale (0.08, 1) on ImageNet-shaped images.
+  * 'torchvision' (torchvision's RandomResizedCrop, used by many peers): of 10 such draws the
+    first that fits inside the image unclipped is kept; if none fits (extreme ratios, tiny
+    images) the window is the largest centred one with an allowed ratio. Mean area ~0.43.
+
+  Offsets are uniform over the positions where the window fits.
   """
+  if sampler == 'reference':
+    attempts = 1
+  elif sampler == 'torchvision':
+    attempts = _TORCHVISION_CROP_ATTEMPTS
+  else:
+    raise ValueError(f'Unknown crop sampler {sampler!r}: choose from {", ".join(CROP_SAMPLERS)}.')
   area_seed, ratio_seed, offset_seed = _split_seed(seed, 3)
   height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  shape = [num, _CROP_ATTEMPTS]
+  shape = [num, attempts]
   area = height_f * width_f * tf.random.stateless_uniform(shape, area_seed, *scale)
   aspect = tf.exp(tf.random.stateless_uniform(
       shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
   crop_w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
   crop_h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  offsets = tf.random.stateless_uniform([2, num], offset_seed)
+
+  def offset(draw, room):
+    return tf.minimum(tf.cast(draw * tf.cast(room + 1, tf.float32), tf.int32), room)
+
+  if sampler == 'reference':
+    crop_h = tf.clip_by_value(crop_h[:, 0], 1, height)
+    crop_w = tf.clip_by_value(crop_w[:, 0], 1, width)
+    return offset(offsets[0], height - crop_h), offset(offsets[1], width - crop_w), crop_h, crop_w
+
   fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= width) & (crop_h <= height)
   first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
   any_fit = tf.reduce_any(fits, axis=1)
   crop_h = tf.gather(crop_h, first_fit, batch_dims=1)
   crop_w = tf.gather(crop_w, first_fit, batch_dims=1)
-
   # Fallback: the whole image, narrowed to the nearest allowed aspect ratio.
   image_ratio = width_f / height_f
   fallback_w = tf.where(image_ratio > ratio[1], tf.round(height_f * ratio[1]), width_f)
@@ -103,18 +135,17 @@ def sample_crop_windows(seed, height, width, num, scale, ratio):
   fallback_h = tf.clip_by_value(tf.cast(fallback_h, tf.int32), 1, height)
   crop_h = tf.where(any_fit, crop_h, fallback_h)
   crop_w = tf.where(any_fit, crop_w, fallback_w)
-
-  offsets = tf.random.stateless_uniform([2, num], offset_seed)
-  def offset(draw, room):
-    random = tf.minimum(tf.cast(draw * tf.cast(room + 1, tf.float32), tf.int32), room)
-    return tf.where(any_fit, random, room // 2)
-  return offset(offsets[0], height - crop_h), offset(offsets[1], width - crop_w), crop_h, crop_w
+  offset_y = tf.where(any_fit, offset(offsets[0], height - crop_h), (height - crop_h) // 2)
+  offset_x = tf.where(any_fit, offset(offsets[1], width - crop_w), (width - crop_w) // 2)
+  return offset_y, offset_x, crop_h, crop_w
 
 
 def _center_window(height, width, fraction):
-  """A centred square of `fraction` of the short side (at least one pixel)."""
+  """A centred square of `fraction` of the short side, as the reference computes it: the side
+  is the float32 product truncated to an integer (not rounded), at least one pixel; the offsets
+  are ((H - side) + 1) // 2 and ((W - side) + 1) // 2."""
   short_side = tf.cast(tf.minimum(height, width), tf.float32)
-  side = tf.maximum(tf.cast(tf.round(short_side * fraction), tf.int32), 1)
+  side = tf.maximum(tf.cast(short_side * fraction, tf.int32), 1)
   return (height - side + 1) // 2, (width - side + 1) // 2, side, side
 
 
@@ -127,14 +158,16 @@ def crop_and_resize(image, window, size):
   return _clip(tf.image.resize(crop, [size, size], method='bicubic'))
 
 
-def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """A random crop (area fraction in `scale`, aspect ratio in `ratio`) resized to size x size.
+def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        sampler='reference'):
+  """A random crop (area fraction in `scale`, aspect ratio in `ratio`, drawn by `sampler`: see
+  `sample_crop_windows`) resized to size x size.
 
   `image` is one [H, W, 3] image of any size (uint8, or float in [0, 1]); images smaller than
   the output are upsampled. Returns float32 [size, size, 3] in [0, 1].
   """
   shape = tf.shape(image)
-  windows = sample_crop_windows(seed, shape[0], shape[1], 1, scale, ratio)
+  windows = sample_crop_windows(seed, shape[0], shape[1], 1, scale, ratio, sampler)
   return crop_and_resize(image, [w[0] for w in windows], size)
 
 
@@ -185,13 +218,14 @@ def resize_windows(images, windows, size):
   return _clip(_separable(tf.image.convert_image_dtype(images, tf.float32), rows, columns))
 
 
-def random_resized_crop_batch(images, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_batch(images, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                              sampler='reference'):
   """`random_resized_crop` for a batch of same-size images; each image draws its own window.
 
   Returns float32 [B, size, size, 3] in [0, 1].
   """
   shape = tf.shape(images)
-  windows = sample_crop_windows(seed, shape[1], shape[2], shape[0], scale, ratio)
+  windows = sample_crop_windows(seed, shape[1], shape[2], shape[0], scale, ratio, sampler)
   return resize_windows(images, windows, size)
 
 
@@ -426,17 +460,27 @@ def view(images, seed, augment, view_config):
   return tf.ensure_shape(run(images, tf.cast(seed, tf.int64)), images.shape)
 
 
+def crop_sampler(augment):
+  """`augment.crop_sampler`, checked ('reference' where a config predates the setting)."""
+  sampler = augment.get('crop_sampler', 'reference')
+  if sampler not in CROP_SAMPLERS:
+    raise ValueError(f'Unknown augment.crop_sampler {sampler!r}: choose from '
+                     f'{", ".join(CROP_SAMPLERS)}.')
+  return sampler
+
+
 def pretraining_crop(image, seed, augment, size):
   """The geometric part of a BYOL view for one image: `augment`'s random resized crop."""
   return random_resized_crop(
-      image, seed, size, tuple(augment.crop_scale), tuple(augment.crop_ratio))
+      image, seed, size, tuple(augment.crop_scale), tuple(augment.crop_ratio),
+      crop_sampler(augment))
 
 
 def pretraining_crop_batch(images, seed, augment, size):
   """`pretraining_crop` for a batch of same-size images."""
   run = _traced(random_resized_crop_batch, size=size,
                 scale=tuple(map(float, augment.crop_scale)),
-                ratio=tuple(map(float, augment.crop_ratio)))
+                ratio=tuple(map(float, augment.crop_ratio)), sampler=crop_sampler(augment))
   images = tf.image.convert_image_dtype(images, tf.float32)
   return tf.ensure_shape(run(images, tf.cast(seed, tf.int64)), [images.shape[0], size, size, 3])
 

@@ -7,11 +7,17 @@ Datasets (`config.dataset`):
     the test split is root/test (or root/val, root/validation) when present;
   * `digits`: scikit-learn's 1,797 8x8 digits, upsampled to `config.image_size`, as RGB.
 
-Splits (`num_examples`, `eval_batches`, `linear_eval_batches`):
-  * 'validation': the last `config.data.validation_examples` labelled training examples (the
-    reference holds out 10,000 ImageNet training images). Folder examples are ordered
-    round-robin over classes, so the tail is class-balanced (the last files of every class);
-  * 'train': the pretraining examples, i.e. everything else (plus unlabelled data for stl10);
+Splits (`num_examples`, `eval_batches`, `linear_eval_batches`), as the reference defines them
+for ImageNet (its VALID is TFDS train[:10000], TRAIN is train[10000:], TRAIN_AND_VALID all of it,
+TEST the TFDS validation split):
+  * 'validation': the FIRST `config.data.validation_examples` labelled training examples.
+    Folder examples are ordered round-robin over classes, so this head is class-balanced (the
+    first files of every class);
+  * 'train': the pretraining examples (plus unlabelled data for stl10). With
+    `config.data.train_on_validation=True` (the reference: it pretrains and linear-evaluates on
+    TRAIN_AND_VALID) that is every labelled training example, the validation ones included;
+    with False (TRAIN) the validation examples are left out, so that 'validation' is unseen
+    data (kNN monitors; datasets without a test split);
   * 'labelled_train': the labelled part of 'train' (differs from 'train' only for stl10);
   * 'test': the dataset's own test split.
 
@@ -161,25 +167,36 @@ def _decode(encoded):
 # Loading each kind of dataset, once per process.
 
 
-def _holdout(examples, validation_examples, dataset):
-  """Splits labelled training examples into (train, validation = the last N)."""
-  n = len(examples)
+def _check_holdout(n, validation_examples, dataset):
   if validation_examples < 0 or validation_examples >= n:
     raise ValueError(
         f'config.data.validation_examples={validation_examples} must be in [0, {n}) for '
         f'dataset {dataset!r}, which has {n} labelled training examples.')
-  return examples.take(slice(0, n - validation_examples)), examples.take(
-      slice(n - validation_examples, n))
 
 
-def _load_digits(image_size, validation_examples):
+def _holdout_ranges(n, validation_examples, train_on_validation, dataset):
+  """(train, validation) index ranges [start, stop) of n labelled training examples: the
+  validation split is the first N; training covers all n, or the rest after the first N."""
+  _check_holdout(n, validation_examples, dataset)
+  train_start = 0 if train_on_validation else validation_examples
+  return (train_start, n), (0, validation_examples)
+
+
+def _holdout(examples, validation_examples, train_on_validation, dataset):
+  """Splits labelled training examples into (train, validation = the first N)."""
+  train, validation = _holdout_ranges(len(examples), validation_examples, train_on_validation,
+                                      dataset)
+  return examples.take(slice(*train)), examples.take(slice(*validation))
+
+
+def _load_digits(image_size, validation_examples, train_on_validation):
   from sklearn import datasets as sklearn_datasets  # pylint: disable=g-import-not-at-top
   digits = sklearn_datasets.load_digits()
   gray = tf.constant(digits.images[..., None] / 16.0, tf.float32)  # 8x8, values 0..16.
   gray = tf.clip_by_value(tf.image.resize(gray, [image_size, image_size], 'bicubic'), 0., 1.)
   rgb = tf.image.convert_image_dtype(tf.tile(gray, [1, 1, 1, 3]), tf.uint8, saturate=True)
   examples = _Examples(digits.target.astype(np.int32), images=rgb.numpy())
-  train, validation = _holdout(examples, validation_examples, 'digits')
+  train, validation = _holdout(examples, validation_examples, train_on_validation, 'digits')
   return {'train': train, 'labelled_train': train, 'validation': validation}
 
 
@@ -203,7 +220,7 @@ def _tfds_in_memory(builder, split):
   return _Examples(np.concatenate(labels).astype(np.int32), images=np.concatenate(images))
 
 
-def _load_tfds(name, data_dir, validation_examples):
+def _load_tfds(name, data_dir, validation_examples, train_on_validation):
   spec = _TFDS_DATASETS[name]
   builder = _tfds_builder(name, data_dir)
   try:
@@ -214,24 +231,20 @@ def _load_tfds(name, data_dir, validation_examples):
         f'TFDS dataset {name!r} is not prepared in data_dir={data_dir or "(TFDS default)"}: '
         f'run tfds.builder({name!r}).download_and_prepare() first ({error}).') from None
   if spec.in_memory:
-    train, validation = _holdout(
-        _tfds_in_memory(builder, spec.labelled_train), validation_examples, name)
+    train, validation = _holdout(_tfds_in_memory(builder, spec.labelled_train),
+                                 validation_examples, train_on_validation, name)
     splits = {'train': train, 'labelled_train': train, 'validation': validation}
     if spec.test:
       splits['test'] = _tfds_in_memory(builder, spec.test)
     return splits
-  n_labelled = sizes[spec.labelled_train]
-  if not 0 <= validation_examples < n_labelled:
-    raise ValueError(
-        f'config.data.validation_examples={validation_examples} must be in [0, {n_labelled}) '
-        f'for dataset {name!r}, which has {n_labelled} labelled training examples.')
-  train_part = (spec.labelled_train, 0, n_labelled - validation_examples)
+  train, validation = _holdout_ranges(sizes[spec.labelled_train], validation_examples,
+                                      train_on_validation, name)
+  train_part = (spec.labelled_train, *train)
   splits = {
       'train': _TfdsStream(
           builder, (train_part, *((s, 0, sizes[s]) for s in spec.unlabelled))),
       'labelled_train': _TfdsStream(builder, (train_part,)),
-      'validation': _TfdsStream(
-          builder, ((spec.labelled_train, n_labelled - validation_examples, n_labelled),)),
+      'validation': _TfdsStream(builder, ((spec.labelled_train, *validation),)),
   }
   if spec.test:
     splits['test'] = _TfdsStream(builder, ((spec.test, 0, sizes[spec.test]),))
@@ -327,7 +340,7 @@ def _read_folder_split(split_dir, class_names, skip_corrupt_images):
   return examples.take(good), class_names, [str(paths[i]) for i in corrupt]
 
 
-def _load_folder(root, validation_examples, skip_corrupt_images):
+def _load_folder(root, validation_examples, train_on_validation, skip_corrupt_images):
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f'Image folder {root} does not exist (dataset folder:{root}).')
@@ -336,7 +349,8 @@ def _load_folder(root, validation_examples, skip_corrupt_images):
     raise FileNotFoundError(
         f'Image folder {root} has no train split: expected {train_dir}/<class>/<image>.')
   labelled, class_names, skipped = _read_folder_split(train_dir, None, skip_corrupt_images)
-  train, validation = _holdout(labelled, validation_examples, f'folder:{root}')
+  train, validation = _holdout(labelled, validation_examples, train_on_validation,
+                               f'folder:{root}')
   splits = {'train': train, 'labelled_train': train, 'validation': validation,
             'skipped_corrupt': skipped}
   for name in _TEST_FOLDER_NAMES:
@@ -349,14 +363,16 @@ def _load_folder(root, validation_examples, skip_corrupt_images):
 
 
 @functools.lru_cache(maxsize=8)
-def _load_splits(dataset, data_dir, image_size, validation_examples, skip_corrupt_images):
+def _load_splits(dataset, data_dir, image_size, validation_examples, train_on_validation,
+                 skip_corrupt_images):
   """All splits of a dataset; cached so that counting and iterating read the data once."""
   if dataset == 'digits':
-    return _load_digits(image_size, validation_examples)
+    return _load_digits(image_size, validation_examples, train_on_validation)
   if dataset.startswith('folder:'):
-    return _load_folder(dataset[len('folder:'):], validation_examples, skip_corrupt_images)
+    return _load_folder(dataset[len('folder:'):], validation_examples, train_on_validation,
+                        skip_corrupt_images)
   if dataset in _TFDS_DATASETS:
-    return _load_tfds(dataset, data_dir, validation_examples)
+    return _load_tfds(dataset, data_dir, validation_examples, train_on_validation)
   raise ValueError(
       f'Unknown dataset {dataset!r}: use one of {sorted(_TFDS_DATASETS)}, digits, or '
       'folder:/path/to/root (root/<split>/<class>/<image>).')
@@ -368,7 +384,8 @@ _SPLITS = ('train', 'labelled_train', 'validation', 'test')
 def _all_splits(config):
   image_size = config.image_size if config.dataset == 'digits' else None  # Only digits uses it.
   return _load_splits(config.dataset, config.data.data_dir, image_size,
-                      config.data.validation_examples, config.data.skip_corrupt_images)
+                      config.data.validation_examples, bool(config.data.train_on_validation),
+                      config.data.skip_corrupt_images)
 
 
 def _split(config, split):
@@ -378,6 +395,11 @@ def _split(config, split):
   if split not in splits:
     raise ValueError(f'Dataset {config.dataset!r} has no test split.')
   return splits[split]
+
+
+def has_split(config, split) -> bool:
+  """Whether the dataset has `split` ('test' is the one that may be missing)."""
+  return split in _all_splits(config)
 
 
 def num_examples(config, split):

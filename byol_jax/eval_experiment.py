@@ -1,13 +1,23 @@
-"""Evaluation of a pretrained encoder: linear evaluation, fine-tuning, semi-supervised, kNN.
+"""Evaluation of a pretrained encoder: linear evaluation, fine-tuning, semi-supervised, kNN;
+and the evaluation of the online classifier of a pretraining run.
 
-Linear evaluation follows the reference (REFERENCE.md "Linear evaluation"): the encoder is frozen
-in inference mode (BatchNorm moving averages), a fresh linear layer is trained with SGD + Nesterov
+Linear evaluation follows the reference's `eval_experiment.py` and `configs/eval.py`: the encoder
+is frozen in inference mode (BatchNorm moving averages); a fresh `hk.Linear(num_classes)` in a
+transform of its own, with Haiku's default initialisation (truncated normal, std 1/sqrt(fan_in);
+zero bias) from PRNGKey(config.seed), is trained on the encoder's features with SGD + Nesterov
 momentum 0.9, no weight decay, LR 0.2 x batch/256 with a cosine decay to 0 and no warmup, on
-random crop + flip, and top-1 / top-5 are reported on the held-out split. Fine-tuning
+random crop + flip; the loss is the global batch mean of the softmax cross-entropy. Top-1 / top-5
+and the mean cross-entropy are reported on `config.eval_split` with centre crops. Fine-tuning
 (`freeze_backbone=False`) is the same with the encoder trainable and its BatchNorm in training
-mode with cross-replica statistics. Semi-supervised evaluation is fine-tuning on a fixed, seeded,
+mode, per device as in the reference (its eval backbone has no cross-replica axis; see
+`config.cross_replica_bn`). Semi-supervised evaluation is fine-tuning on a fixed, seeded,
 class-balanced fraction of the training labels (`labelled_fraction`). kNN is a weighted vote of
 the nearest training features (knn.py).
+
+The online classifier (the linear probe trained during pretraining, module `classifier`) is
+evaluated like the reference's pretraining eval worker: centre crops, inference-mode BatchNorm
+with the online state, summed cross-entropy / top-1 / top-5 over a split (`online_eval_step`,
+driven by `online_classifier_eval`).
 
 The steps are per-device functions with named-axis collectives, mapped over the device mesh with
 `parallel.map_step`, like the BYOL step. TensorFlow enters only with the input pipeline
@@ -15,6 +25,7 @@ The steps are per-device functions with named-axis collectives, mapped over the 
 """
 
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -35,22 +46,22 @@ class EvalState(NamedTuple):
   step: jax.Array  # int32 scalar: number of updates applied so far.
   encoder_params: hk.Params  # From the pretrained online encoder; trained only when fine-tuning.
   encoder_state: hk.State  # BatchNorm moving averages; updated only when fine-tuning.
-  head_params: hk.Params  # The fresh linear layer.
+  head_params: hk.Params  # The fresh linear layer: {'linear': {'w', 'b'}}.
   opt_state: optax.OptState
 
 
-def make_classifier_network(model_config, num_classes: int, axis_name=None):
-  """`hk.transform_with_state` of encoder -> linear head, apply(..., images, is_training).
+def make_encoder_network(model_config, axis_name=None):
+  """`hk.transform_with_state` of the encoder alone, apply(..., images, is_training).
 
   The encoder keeps its pretraining module name (`networks.make_encoder`'s 'encoder'), so
-  checkpointed encoder params plug in unchanged. The head starts at zero (`EvalExperiment.init`
-  builds it so): the frozen-encoder problem is convex, so this loses nothing and needs no key.
+  checkpointed encoder params plug in unchanged. `axis_name`: BatchNorm statistics across
+  devices in training mode (None: per device).
   """
   dtype = networks.compute_dtype(model_config)
 
   def forward(images, is_training):
     features = networks.make_encoder(model_config, axis_name)(images.astype(dtype), is_training)
-    return hk.Linear(num_classes, name='linear_head')(features)
+    return features.astype(jnp.float32)
 
   return hk.transform_with_state(forward)
 
@@ -62,10 +73,40 @@ def encoder_embed(model_config):
                                                              False)[0])
 
 
+def make_head(num_classes: int):
+  """The classifier: a separate `hk.transform` of `hk.Linear(num_classes)` (module 'linear')
+  applied to the features, as the reference builds it; init(key, features) uses Haiku's default
+  initialisation."""
+  return hk.without_apply_rng(hk.transform(lambda features: hk.Linear(num_classes)(features)))
+
+
+def classification_counts(logits, labels, mask=None) -> dict:
+  """Sums over the real examples (mask True) of a batch, as the reference's eval step returns
+  them before dividing by the example count: softmax cross-entropy `loss`, `top1` and `top5`
+  hits, and `count`. No TensorFlow."""
+  logits = logits.astype(jnp.float32)
+  mask = jnp.ones(labels.shape, bool) if mask is None else mask
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+  top1 = jnp.argmax(logits, -1) == labels
+  return dict(loss=jnp.sum(jnp.where(mask, xent, 0.)), top1=jnp.sum(mask & top1),
+              top5=jnp.sum(mask & top5), count=jnp.sum(mask))
+
+
 def total_steps(config, train_examples: int) -> int:
   if config.max_steps > 0:
     return config.max_steps
   return max(1, config.num_epochs * train_examples // config.batch_size)
+
+
+def _from_first_device(tree):
+  """Device 0's values on every device (inside a mapped step). Per-device BatchNorm leaves each
+  device its own moving averages; the reference evaluates with the first device's
+  (`helpers.get_first`), and in training mode the averages do not affect the step."""
+  first = jax.lax.axis_index(AXIS) == 0
+  return jax.tree_util.tree_map(
+      lambda x: jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)), AXIS), tree)
 
 
 class EvalExperiment:
@@ -77,6 +118,7 @@ class EvalExperiment:
 
   def __init__(self, config, model_config, train_examples: int):
     self.fine_tune = not config.freeze_backbone
+    self.seed = config.seed
     self.total_steps = total_steps(config, train_examples)
     opt = config.optimizer
     self.lr_schedule = lambda step: schedules.learning_rate(
@@ -87,40 +129,50 @@ class EvalExperiment:
         optax.masked(optax.add_decayed_weights(opt.weight_decay),
                      optimizers.decay_and_adapt_mask),
         optax.sgd(self.lr_schedule, momentum=opt.momentum, nesterov=opt.nesterov))
-    self.net = make_classifier_network(model_config, config.num_classes, axis_name=None)
-    # Cross-replica BatchNorm matters only when the encoder runs in training mode.
-    self.net_parallel = make_classifier_network(model_config, config.num_classes,
-                                                axis_name=AXIS)
+    # Fine-tuning's BatchNorm: per device (reference) or across devices (cross_replica_bn).
+    self.cross_replica_bn = bool(config.cross_replica_bn)
+    self.encoder = make_encoder_network(
+        model_config, axis_name=AXIS if self.cross_replica_bn else None)
+    self.head = make_head(config.num_classes)
 
   def _trainable(self, encoder_params, head_params):
     return (encoder_params, head_params) if self.fine_tune else head_params
 
+  def init_head(self, feature_size: int) -> hk.Params:
+    """The head as the reference initialises it: Haiku's default init from PRNGKey(seed)."""
+    features = jnp.zeros((1, feature_size), jnp.float32)
+    return self.head.init(jax.random.PRNGKey(self.seed), features)
+
   def init(self, encoder_params, encoder_state, image_size: int) -> EvalState:
-    """The pretrained encoder with a zero head; no random key (and no init compile) needed."""
+    """The pretrained encoder with a fresh head."""
     dummy = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    # Training mode: Haiku's BatchNorm only creates its moving averages there.
-    shapes, _ = jax.eval_shape(lambda x: self.net.init(jax.random.PRNGKey(0), x, True), dummy)
-    head_params = jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, x.dtype),
-        {k: v for k, v in shapes.items() if k not in encoder_params})
+    features = jax.eval_shape(
+        lambda x: self.encoder.apply(encoder_params, encoder_state, None, x, False)[0], dummy)
+    head_params = self.init_head(features.shape[-1])
     return EvalState(step=jnp.zeros((), jnp.int32), encoder_params=encoder_params,
                      encoder_state=encoder_state, head_params=head_params,
                      opt_state=self.optimizer.init(self._trainable(encoder_params,
                                                                    head_params)))
 
+  def logits(self, encoder_params, encoder_state, head_params, images, is_training):
+    features, encoder_state = self.encoder.apply(encoder_params, encoder_state, None, images,
+                                                 is_training)
+    return self.head.apply(head_params, features), encoder_state
+
   def train_step(self, state: EvalState, batch):
     """One update on this device's share of {'images', 'labels'}; call under mesh axis AXIS.
 
     Frozen: gradients are taken w.r.t. the head only, so the encoder is a constant of the step
-    (no backward pass through it) and runs in inference mode. As in the BYOL step, the loss is
-    averaged with `pmean` and shard_map sums the gradients of the replicated params.
+    (no backward pass through it) and runs in inference mode. The loss is this device's batch
+    mean averaged over devices (`pmean`), and shard_map sums the gradients of the replicated
+    params: the gradient of the global batch mean, as the reference's loss / device_count
+    followed by a `psum` of the gradients.
     """
     def loss_fn(trainable):
       encoder_params, head_params = (trainable if self.fine_tune
                                      else (state.encoder_params, trainable))
-      logits, encoder_state = self.net_parallel.apply(
-          {**encoder_params, **head_params}, state.encoder_state, None, batch['images'],
-          self.fine_tune)
+      logits, encoder_state = self.logits(encoder_params, state.encoder_state, head_params,
+                                          batch['images'], self.fine_tune)
       xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
       top1 = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
       return jax.lax.pmean(jnp.mean(xent), AXIS), (encoder_state, jax.lax.pmean(top1, AXIS))
@@ -133,34 +185,64 @@ class EvalExperiment:
                                    else (state.encoder_params, trainable))
     if not self.fine_tune:
       encoder_state = state.encoder_state  # Inference mode left it as it was; say so.
+    elif not self.cross_replica_bn:
+      encoder_state = _from_first_device(encoder_state)
     new_state = EvalState(step=state.step + 1, encoder_params=encoder_params,
                           encoder_state=encoder_state, head_params=head_params,
                           opt_state=opt_state)
     return new_state, dict(loss=loss, top1=top1, learning_rate=self.lr_schedule(state.step))
 
   def eval_step(self, state: EvalState, batch):
-    """Counts of top-1 / top-5 hits and of real examples over the global batch (mask: padding)."""
-    logits, _ = self.net_parallel.apply({**state.encoder_params, **state.head_params},
-                                        state.encoder_state, None, batch['images'], False)
-    labels, mask = batch['labels'], batch['mask']
-    k = min(5, logits.shape[-1])
-    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-    counts = dict(top1=jnp.sum(mask & (jnp.argmax(logits, -1) == labels)),
-                  top5=jnp.sum(mask & top5), count=jnp.sum(mask))
-    counts = jax.tree_util.tree_map(lambda c: jax.lax.psum(c, AXIS), counts)
-    return counts, {}
+    """Sums of cross-entropy and top-1 / top-5 hits, and the count of real examples, over the
+    global batch (mask False: padding); inference mode."""
+    logits, _ = self.logits(state.encoder_params, state.encoder_state, state.head_params,
+                            batch['images'], False)
+    counts = classification_counts(logits, batch['labels'], batch['mask'])
+    return jax.tree_util.tree_map(lambda c: jax.lax.psum(c, AXIS), counts), {}
+
+
+def online_classifier_counts(experiment, params, bn_state, images, labels, mask=None) -> dict:
+  """`classification_counts` of the pretraining run's online classifier (module `classifier`
+  on the online encoder's features) on a batch of eval-preprocessed images: inference-mode
+  BatchNorm with the online state, as the reference's pretraining eval. No TensorFlow.
+
+  `experiment` is a `byol_experiment.ByolExperiment`; `params`, `bn_state` its online ones.
+  """
+  outputs, _ = experiment.net.apply(params, bn_state, None, images, False, online=True)
+  return classification_counts(outputs['logits'], labels, mask)
+
+
+def online_eval_step(experiment):
+  """Per-device step(model, batch) -> (summed counts over the global batch, {}), where model is
+  (online_params, online_state); map it with `parallel.map_step(..., donate_state=False)`."""
+  def step(model, batch):
+    params, bn_state = model
+    counts = online_classifier_counts(experiment, params, bn_state, batch['images'],
+                                      batch['labels'], batch['mask'])
+    return jax.tree_util.tree_map(lambda c: jax.lax.psum(c, AXIS), counts), {}
+  return step
 
 
 def accuracy(step_fn, state, batches) -> dict:
-  """Top-1 / top-5 (fractions) over one pass of global batches with `eval_step` mapped."""
-  totals = dict(top1=0, top5=0, count=0)
+  """Top-1 / top-5 (fractions) and mean cross-entropy `loss` over one pass of global batches,
+  with a mapped step that returns `classification_counts` sums."""
+  totals = dict(loss=0.0, top1=0, top5=0, count=0)
   for batch in batches:
     counts, _ = step_fn(state, batch)
-    for key, value in counts.items():
-      totals[key] += int(value)
+    for key, value in jax.device_get(counts).items():
+      totals[key] += float(value) if key == 'loss' else int(value)
   count = max(totals['count'], 1)
   return dict(top1=totals['top1'] / count, top5=totals['top5'] / count,
-              count=totals['count'])
+              loss=totals['loss'] / count, count=totals['count'])
+
+
+def local_eval_batch(global_batch: int) -> int:
+  """This process's share of an evaluation batch: global_batch / processes, rounded up to a
+  multiple of the local device count (the batch is split over devices; padding examples are
+  masked, so the size changes nothing but speed)."""
+  devices = jax.local_device_count()
+  per_process = math.ceil(global_batch / jax.process_count())
+  return max(devices, math.ceil(per_process / devices) * devices)
 
 
 def balanced_subset(labels, fraction: float, seed: int) -> np.ndarray:
@@ -191,7 +273,7 @@ def extract_features(embed, params, bn_state, batches):
 # ---------------------------------------------------------------------------------------------
 # Over datasets (TensorFlow enters here, through `datasets`, imported where it is used).
 
-EVAL_BATCH = 256  # Per process: feature extraction and held-out accuracy.
+EVAL_BATCH = 256  # Per process: feature extraction for kNN.
 
 
 def _whole_split(config, split):
@@ -278,6 +360,31 @@ def pretraining_knn(config, experiment, state, initial_state) -> dict:
   return results
 
 
+def online_eval_split(config) -> str:
+  """Where the online classifier is evaluated: the dataset's test split (ImageNet: the 50,000
+  TFDS validation images, the reference's TEST), else the validation hold-out."""
+  from byol_jax import datasets
+  return 'test' if datasets.has_split(config, 'test') else 'validation'
+
+
+def online_classifier_eval(config, step_fn, state, mesh) -> dict:
+  """The online classifier of a pretraining `state` (TrainState) on `online_eval_split`: one
+  pass of centre-cropped batches of `config.eval_batch_size` (global), `step_fn` being
+  `online_eval_step` mapped over `mesh`. Returns top1, top5 (fractions), loss (mean
+  cross-entropy), count and split."""
+  from byol_jax import datasets
+  split = online_eval_split(config)
+  batches = (parallel.global_batch(batch, mesh) for batch in datasets.eval_batches(
+      config, split, local_eval_batch(config.eval_batch_size)))
+  result = accuracy(step_fn, (state.online_params, state.online_state), batches)
+  step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    print(f'Online classifier at step {step} on {config.dataset} {split} ({result["count"]} '
+          f'images): top-1 {100 * result["top1"]:.2f}%, top-5 {100 * result["top5"]:.2f}%, '
+          f'loss {result["loss"]:.4f}', flush=True)
+  return dict(result, split=split)
+
+
 def load_pretrained(path: str):
   """(model_config, params, state, meta) of the online encoder at `path`.
 
@@ -312,9 +419,14 @@ def validate_config(config):
   if config.max_steps < 0 or (config.max_steps == 0 and config.num_epochs <= 0):
     raise ValueError(f'Training length must be positive: max_steps={config.max_steps}, '
                      f'num_epochs={config.num_epochs}.')
-  if min(config.image_size, config.num_classes, config.batch_size, config.log_every_steps) <= 0:
-    raise ValueError('image_size, num_classes, batch_size and log_every_steps must be '
-                     'positive.')
+  if min(config.image_size, config.num_classes, config.batch_size, config.eval_batch_size,
+         config.log_every_steps) <= 0:
+    raise ValueError('image_size, num_classes, batch_size, eval_batch_size and '
+                     'log_every_steps must be positive.')
+  if config.eval_split == 'validation' and config.data.train_on_validation:
+    raise ValueError('eval_split=validation with data.train_on_validation=True would score '
+                     'images that training (and the kNN bank) also reads: set '
+                     'data.train_on_validation=False (as the pretraining run had it).')
   if config.knn.k <= 0 or config.knn.temperature <= 0:
     raise ValueError(f'knn.k ({config.knn.k}) and knn.temperature ({config.knn.temperature}) '
                      f'must be positive.')
@@ -354,11 +466,11 @@ def train_classifier(config, model_config, params, bn_state, workdir: str) -> di
         raise FloatingPointError(f'Loss is {scalars["loss"]} at step {step + 1}: stopping.')
 
   eval_fn = parallel.map_step(experiment.eval_step, mesh, donate_state=False)
-  held_out = (parallel.global_batch(batch, mesh)
-              for batch in datasets.eval_batches(config, config.eval_split, EVAL_BATCH))
+  held_out = (parallel.global_batch(batch, mesh) for batch in datasets.eval_batches(
+      config, config.eval_split, local_eval_batch(config.eval_batch_size)))
   result = accuracy(eval_fn, state, held_out)
   writer.start(total)  # The next write is not a training interval: no images/s for it.
-  writer.write(total, dict(top1=result['top1'], top5=result['top5']),
+  writer.write(total, dict(top1=result['top1'], top5=result['top5'], loss=result['loss']),
                prefix=f'{config.eval_split}_')
   writer.close()
   return dict(result, train_examples=train_examples, steps=total)
@@ -384,6 +496,7 @@ def evaluate(config, workdir: str) -> dict:
     result = train_classifier(config, model_config, params, bn_state, workdir)
   record = dict(
       protocol=protocol_name(config), top1=result['top1'], top5=result['top5'],
+      eval_loss=result.get('loss'),
       checkpoint=os.path.abspath(config.checkpoint), checkpoint_step=int(meta['step']),
       encoder=model_config.to_dict(), pretrain_dataset=meta['dataset'],
       dataset=config.dataset, image_size=config.image_size, eval_split=config.eval_split,
@@ -393,7 +506,9 @@ def evaluate(config, workdir: str) -> dict:
     record.update(k=result['k'], temperature=result['temperature'])
   else:
     record.update(steps=result['steps'], batch_size=config.batch_size,
-                  base_lr=config.optimizer.base_lr)
+                  base_lr=config.optimizer.base_lr,
+                  train_on_validation=bool(config.data.train_on_validation),
+                  cross_replica_bn=bool(config.cross_replica_bn))
   print(f'{record["protocol"]} on {config.dataset} {config.eval_split} '
         f'({record["eval_examples"]} images): top-1 {100 * record["top1"]:.2f}%, top-5 '
         f'{100 * record["top5"]:.2f}% (training examples {record["train_examples"]}, '

@@ -2,11 +2,15 @@ r"""Entry point: `python -m byol_jax.main_loop --config=configs/byol.py[:preset]
 
 Overrides follow ml_collections: `--config.batch_size=64 --config.model.encoder=resnet18`.
 The loop, top to bottom: validate the config, build the mesh and experiment, initialise,
-iterate over (seed, step)-determined batches, log, and at the end report representation
-quality with kNN when the config asks for it. `configs/eval.py` (experiment 'linear_eval')
-runs an evaluation protocol on a pretrained encoder instead (eval_experiment.py).
+iterate over (seed, step)-determined batches, log, evaluate the online classifier every
+`eval_every_steps` and at the end (`final_eval`; top-1/top-5 on the test split, or on the
+validation hold-out when the dataset has no test split, as WORKDIR/online_eval_results.json),
+and report representation quality with kNN when the config asks for it. `configs/eval.py`
+(experiment 'linear_eval') runs an evaluation protocol on a pretrained encoder instead
+(eval_experiment.py).
 """
 
+import itertools
 import json
 import os
 import sys
@@ -43,6 +47,17 @@ def validate_config(config):
     raise ValueError(f'log_every_steps must be positive, got {config.log_every_steps}.')
   if config.knn_every_steps < 0:
     raise ValueError(f'knn_every_steps must be >= 0 (0: off), got {config.knn_every_steps}.')
+  if config.eval_every_steps < 0:
+    raise ValueError(f'eval_every_steps must be >= 0 (0: off), got {config.eval_every_steps}.')
+  if (config.final_knn.enabled or config.knn_every_steps) and config.data.train_on_validation:
+    raise ValueError('kNN is measured on the validation split, which data.train_on_validation='
+                     'True also puts in the kNN bank (and in pretraining): set '
+                     'data.train_on_validation=False, or turn kNN off (final_knn.enabled=False, '
+                     'knn_every_steps=0).')
+  if config.eval_batch_size <= 0:
+    raise ValueError(f'eval_batch_size must be positive, got {config.eval_batch_size}.')
+  from byol_jax import augmentations  # TensorFlow: the input pipeline needs it next anyway.
+  augmentations.crop_sampler(config.augment)  # Raises for an unknown sampler.
 
 
 def _check_finite(step: int, metrics_at_step: dict):
@@ -72,7 +87,24 @@ def train_byol(config, workdir: str):
   start_step, state = checkpoints.restore_or_init(initial_state, mesh)
   step_fn = parallel.map_step(experiment.train_step, mesh)
   batches = datasets.pretrain_batches(config, start_step=start_step)
+  if start_step == 0:
+    # As the reference: the parameters of `initial_state`, BatchNorm statistics from the first
+    # batch (its init pass runs on that batch).
+    first = next(batches)
+    state = experiment.init_from_batch(jax.random.PRNGKey(config.seed),
+                                       parallel.global_batch(first, mesh), mesh)
+    batches = itertools.chain([first], batches)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
+
+  online_eval_fn = parallel.map_step(eval_experiment.online_eval_step(experiment), mesh,
+                                     donate_state=False)
+
+  def online_eval(step):
+    result = eval_experiment.online_classifier_eval(config, online_eval_fn, state, mesh)
+    writer.start(step)  # The evaluation pass is not training time: keep it out of images/s.
+    writer.write(step, {key: result[key] for key in ('top1', 'top5', 'loss')},
+                 prefix=f'online_{result["split"]}_')
+    return result
 
   save_schedule = checkpointing.SaveSchedule(config, sync_every=config.log_every_steps)
   previous = None  # (step, metrics): checked one step late so the device never waits on us.
@@ -90,6 +122,9 @@ def train_byol(config, workdir: str):
       knn_metrics = eval_experiment.knn_monitor(config, experiment, state)
       writer.start(step + 1)  # The kNN pass is not training time: keep it out of images/s.
       writer.write(step + 1, knn_metrics)
+    if (config.eval_every_steps and (step + 1) % config.eval_every_steps == 0
+        and step + 1 < total):
+      online_eval(step + 1)
     if step + 1 < total and save_schedule.should_save(step + 1):
       _check_finite(*previous)  # Only a state whose loss was checked finite is saved.
       checkpoints.save(step + 1, state)
@@ -106,6 +141,13 @@ def train_byol(config, workdir: str):
     checkpoints.save(total, state)
   checkpoints.close()
   save_schedule.close()  # From here a signal stops at once: the final state is saved.
+
+  if config.final_eval:
+    result = online_eval(total)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'online_eval_results.json'), 'w') as f:
+        json.dump(dict(step=total, dataset=config.dataset, classifier='online', **result), f,
+                  indent=1)
 
   if config.final_knn.enabled:
     results = eval_experiment.pretraining_knn(config, experiment, state, initial_state)

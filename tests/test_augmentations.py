@@ -58,28 +58,110 @@ SEED = tf.constant([7, 11], tf.int64)
 # Geometry.
 
 
-def test_crop_windows_cover_the_configured_area_and_aspect_ranges():
+def crop_windows(height, width, num, sampler='reference', seed=SEED, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3)):
+  return tuple(t.numpy() for t in augmentations.sample_crop_windows(
+      seed, height, width, num, scale, ratio, sampler))
+
+
+def reference_crop_statistics(height, width, num, seed=0):
+  """The reference sampler's algorithm (one draw: area U[0.08, 1) x H x W, log-uniform aspect
+  in [3/4, 4/3], rounded sides clipped to the image) in float64 numpy, with its own generator:
+  the distribution our TF sampler must reproduce."""
+  rng = np.random.default_rng(seed)
+  area = rng.uniform(0.08, 1.0, num) * height * width
+  aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), num))
+  w = np.minimum(np.round(np.sqrt(area * aspect)), width)
+  h = np.minimum(np.round(np.sqrt(area / aspect)), height)
+  return h, w
+
+
+def window_statistics(h, w, height, width):
+  """Per-window quantities whose means characterise a crop sampler."""
+  return dict(area=h * w / (height * width), log_aspect=np.log(w / h),
+              clipped=((h == height) | (w == width)).astype(float))
+
+
+def test_reference_crop_windows_stay_inside_and_span_the_configured_ranges():
   height, width = 120, 160
-  y, x, h, w = (t.numpy() for t in augmentations.sample_crop_windows(
-      SEED, height, width, 4000, (0.08, 1.0), (3 / 4, 4 / 3)))
-  assert np.all((y >= 0) & (x >= 0) & (y + h <= height) & (x + w <= width))
+  y, x, h, w = crop_windows(height, width, 4000)
+  assert np.all((y >= 0) & (x >= 0) & (h >= 1) & (w >= 1))
+  assert np.all((y + h <= height) & (x + w <= width))
   area = h * w / (height * width)
   ratio = w / h
-  # Rounding to whole pixels moves area and ratio by at most ~1 px on each side.
+  clipped = (h == height) | (w == width)
+  # One draw, no retry: windows that do not fit are clipped to the image, not redrawn, so a
+  # good share (here ~1/4) spans the whole height or width.
+  assert 0.1 < clipped.mean() < 0.5
+  # Unclipped windows keep their area and ratio up to rounding (~1 px on each side).
   assert area.min() >= 0.08 * 0.9 and area.max() <= 1.0
-  assert ratio.min() >= 0.75 * 0.95 and ratio.max() <= 4 / 3 * 1.05
-  # The whole range is used: small and large crops, narrow and wide ones.
+  assert ratio[~clipped].min() >= 0.75 * 0.95 and ratio[~clipped].max() <= 4 / 3 * 1.05
   assert area.min() < 0.12 and area.max() > 0.85
   assert ratio.min() < 0.8 and ratio.max() > 1.25
   # Offsets are spread over the image, not pinned to a corner or the centre.
   assert len(np.unique(y)) > 50 and len(np.unique(x)) > 50
 
 
-def test_crop_windows_fall_back_to_a_centre_crop_on_extreme_images():
+@pytest.mark.parametrize('height, width', [(375, 500), (48, 64), (64, 48), (32, 32)])
+def test_reference_crop_sampler_matches_the_reference_algorithm_in_distribution(height, width):
+  """Means of area fraction, log aspect ratio and clipped fraction over n = 4000 windows lie
+  within 5 standard errors of the same algorithm simulated in float64 numpy (200,000 draws,
+  whose own error is sqrt(4000 / 200000) ~ 0.14 of ours, folded into the bound: the standard
+  error of the difference is se x sqrt(1 + 4000/200000))."""
+  n, n_ref = 4000, 200_000
+  ours = window_statistics(*crop_windows(height, width, n)[2:], height, width)
+  theirs = window_statistics(*reference_crop_statistics(height, width, n_ref), height, width)
+  for key in ours:
+    se = np.std(theirs[key]) / math.sqrt(n) * math.sqrt(1 + n / n_ref)
+    assert abs(ours[key].mean() - theirs[key].mean()) <= 5 * se, (key, ours[key].mean(),
+                                                                   theirs[key].mean(), se)
+  if (height, width) == (375, 500):  # ImageNet's most common shape: the issue's 0.51.
+    assert 0.50 < theirs['area'].mean() < 0.53
+
+
+def test_offsets_are_uniform_over_the_fitting_positions():
+  """A fixed window size leaves room + 1 positions; each is drawn with probability 1/(room+1).
+  Scale and ratio pinned: area 0.25 of 40 x 40, ratio 1 -> 20 x 20 windows, 21 positions."""
+  n = 8400
+  y, x, h, w = crop_windows(40, 40, n, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+  assert np.all(h == 20) and np.all(w == 20)
+  for offsets in (y, x):
+    counts = np.bincount(offsets, minlength=21)
+    assert len(counts) == 21
+    # Each count ~ Binomial(8400, 1/21): mean 400, sd sqrt(400 x 20/21) = 19.5; 5 sd = 98.
+    assert np.all(np.abs(counts - 400) <= 98), counts
+
+
+def test_reference_crop_on_extreme_images_is_clipped_not_recentred():
+  # 1 x 40: every drawn window is taller than 1 pixel and is clipped to the image height.
+  y, x, h, w = crop_windows(1, 40, 200)
+  assert np.all(h == 1) and np.all(y == 0)
+  assert np.all((w >= 1) & (x + w <= 40)) and len(np.unique(x)) > 5
+  # 1 x 1: windows of at least one pixel, never empty.
+  np.testing.assert_array_equal(crop_windows(1, 1, 50), np.array([[0] * 50, [0] * 50,
+                                                                   [1] * 50, [1] * 50]))
+
+
+def test_torchvision_sampler_falls_back_to_a_centre_crop_on_extreme_images():
   # 1 x 40: no window with a ratio in [3/4, 4/3] has area >= 8% of it; fallback is centred.
-  y, x, h, w = (int(t[0]) for t in augmentations.sample_crop_windows(
-      SEED, 1, 40, 1, (0.08, 1.0), (3 / 4, 4 / 3)))
+  y, x, h, w = (int(t[0]) for t in crop_windows(1, 40, 1, 'torchvision'))
   assert (h, y) == (1, 0) and w == 1 and x == (40 - 1) // 2
+  # Retrying until a window fits favours small crops: mean area ~0.43 vs ~0.51 in one draw.
+  area = window_statistics(*crop_windows(375, 500, 4000, 'torchvision')[2:], 375, 500)['area']
+  assert 0.41 < area.mean() < 0.45
+  with pytest.raises(ValueError, match='Unknown crop sampler'):
+    crop_windows(8, 8, 1, 'inception')
+
+
+@pytest.mark.parametrize('height, width', [(64, 96), (11, 20), (20, 11), (375, 500), (5, 3),
+                                           (1, 7), (224, 224), (257, 300)])
+def test_centre_window_truncates_like_the_reference(height, width):
+  """Side int(0.875 x short side) (truncated: 11 -> 9, where rounding gives 10), offsets
+  ((H - side) + 1) // 2, at least one pixel."""
+  window = [int(v) for v in augmentations._center_window(  # pylint: disable=protected-access
+      tf.constant(height), tf.constant(width), augmentations.CENTER_CROP_FRACTION)]
+  side = max(int(np.float32(0.875) * np.float32(min(height, width))), 1)
+  assert window == [(height - side + 1) // 2, (width - side + 1) // 2, side, side]
 
 
 @pytest.mark.parametrize('shape', [(37, 53, 3), (5, 3, 3), (1, 1, 3)])
@@ -90,9 +172,11 @@ def test_random_resized_crop_shape_dtype_range(shape):
   assert 0.0 <= float(tf.reduce_min(crop)) and float(tf.reduce_max(crop)) <= 1.0
 
 
-def test_batched_crop_resamples_exactly_like_tf_image_resize():
+@pytest.mark.parametrize('sampler', augmentations.CROP_SAMPLERS)
+def test_batched_crop_resamples_exactly_like_tf_image_resize(sampler):
   images = tf.constant(np.random.default_rng(1).integers(0, 256, (24, 20, 28, 3)), tf.uint8)
-  windows = augmentations.sample_crop_windows(SEED, 20, 28, 24, (0.08, 1.0), (3 / 4, 4 / 3))
+  windows = augmentations.sample_crop_windows(SEED, 20, 28, 24, (0.08, 1.0), (3 / 4, 4 / 3),
+                                              sampler)
   for size in (16, 40):  # Down- and upsampling.
     batched = augmentations.resize_windows(images, windows, size)
     for i in range(24):

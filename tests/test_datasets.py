@@ -58,13 +58,15 @@ def mixed_folder(tmp_path_factory):
   return root
 
 
-def make_config(dataset, *, batch_size=6, validation_examples=6, seed=0, plain=False):
+def make_config(dataset, *, batch_size=6, validation_examples=6, seed=0, plain=False,
+                train_on_validation=False):
   config = byol.get_config('cifar10')
   config.dataset = dataset
   config.image_size = SIZE
   config.batch_size = batch_size
   config.seed = seed
   config.data.validation_examples = validation_examples
+  config.data.train_on_validation = train_on_validation
   if plain:  # Crops only: a small graph, for tests about data rather than augmentations.
     config.augment.color_jitter_prob = 0.0
     config.augment.grayscale_prob = 0.0
@@ -89,7 +91,12 @@ def assert_views(batch, batch_size, size=SIZE):
 # Folders.
 
 
-def test_folder_splits_hold_out_a_class_balanced_tail(uniform_folder):
+def split_images(config, split):
+  batches = datasets.eval_batches(config, split, 4, process_index=0, process_count=1)
+  return np.concatenate([b['images'][b['mask']] for b in batches])
+
+
+def test_folder_splits_hold_out_a_class_balanced_head(uniform_folder):
   config = make_config(f'folder:{uniform_folder}')
   assert datasets.num_examples(config, 'train') == 3 * PER_CLASS - 6
   assert datasets.num_examples(config, 'validation') == 6
@@ -97,7 +104,30 @@ def test_folder_splits_hold_out_a_class_balanced_tail(uniform_folder):
   validation = list(datasets.eval_batches(config, 'validation', 4, process_index=0,
                                           process_count=1))
   labels = np.concatenate([b['labels'][b['mask']] for b in validation])
-  np.testing.assert_array_equal(np.sort(labels), [0, 0, 1, 1, 2, 2])  # Last 2 of each class.
+  np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2])  # First 2 of each, round-robin.
+  # The hold-out is the head of the labelled examples (reference: VALID = train[:10000]) and
+  # 'train' the rest (TRAIN = train[10000:]).
+  everything = make_config(f'folder:{uniform_folder}', validation_examples=0)
+  np.testing.assert_array_equal(split_images(config, 'validation'),
+                                split_images(everything, 'train')[:6])
+  np.testing.assert_array_equal(split_images(config, 'train'),
+                                split_images(everything, 'train')[6:])
+
+
+def test_train_on_validation_trains_on_every_labelled_example(uniform_folder):
+  """The reference's TRAIN_AND_VALID: the hold-out is still 'validation', and is trained on."""
+  config = make_config(f'folder:{uniform_folder}', train_on_validation=True)
+  assert datasets.num_examples(config, 'validation') == 6
+  assert datasets.num_examples(config, 'train') == 3 * PER_CLASS
+  assert datasets.num_examples(config, 'labelled_train') == 3 * PER_CLASS
+  np.testing.assert_array_equal(split_images(config, 'train')[:6],
+                                split_images(config, 'validation'))
+  # An epoch of pretraining visits all 24 images, hold-out included: 4 steps of 6.
+  batches = take(datasets.pretrain_batches(make_config(
+      f'folder:{uniform_folder}', train_on_validation=True, plain=True),
+      process_index=0, process_count=1), 4)
+  np.testing.assert_array_equal(
+      np.bincount(np.concatenate([b['labels'] for b in batches])), [8, 8, 8])
 
 
 def test_folder_pretraining_batches_are_a_pure_function_of_seed_and_step(uniform_folder):
@@ -300,17 +330,64 @@ def test_tfds_streamed_dataset_with_mock_data(forget_mock_data):
   assert sum(b['mask'].sum() for b in evaluated) == 10
 
 
+class _FakeSplit:
+  def __init__(self, num_examples):
+    self.num_examples = num_examples
+
+
+class _FakeImagenetBuilder:
+  """A TFDS builder that has only the split metadata of imagenet2012 (no files): counting
+  never reads data, so the split arithmetic is checked at ImageNet's size."""
+  info = type('Info', (), {'splits': {'train': _FakeSplit(1_281_167),
+                                      'validation': _FakeSplit(50_000)}})()
+
+
+@pytest.fixture
+def imagenet_metadata(monkeypatch, forget_mock_data):
+  monkeypatch.setattr(datasets, '_tfds_builder', lambda name, data_dir: _FakeImagenetBuilder())
+
+
+def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
+  """Reference: pretraining on TRAIN_AND_VALID (1,281,167 images), VALID = TFDS train[:10000],
+  TRAIN = train[10000:], TEST = TFDS validation. 1000 epochs at batch 4096: 312,784 steps."""
+  import eval as eval_configs  # pylint: disable=g-import-not-at-top
+  from byol_jax import byol_experiment, eval_experiment  # pylint: disable=g-import-not-at-top
+  config = byol.get_config('imagenet')
+  assert config.data.train_on_validation
+  sizes = {split: datasets.num_examples(config, split)
+           for split in ('train', 'labelled_train', 'validation', 'test')}
+  assert sizes == dict(train=1_281_167, labelled_train=1_281_167, validation=10_000,
+                       test=50_000)
+  # pylint: disable=protected-access
+  assert datasets._split(config, 'validation').split_string() == 'train[0:10000]'
+  assert datasets._split(config, 'train').split_string() == 'train[0:1281167]'
+  assert datasets._split(config, 'test').split_string() == 'validation[0:50000]'
+  assert byol_experiment.total_steps(config, sizes['train']) == 312_784
+  assert byol_experiment.warmup_steps(config, sizes['train']) == 3_127  # 10 epochs.
+  # Linear evaluation trains on the same images: 80 epochs at batch 4096.
+  eval_config = eval_configs.get_config('imagenet')
+  eval_train = datasets.num_examples(eval_config, 'labelled_train')
+  assert eval_train == 1_281_167
+  assert eval_experiment.total_steps(eval_config, eval_train) == 25_022
+
+  # The hold-out left out (the reference's TRAIN): 310,343 steps.
+  config.data.train_on_validation = False
+  assert datasets._split(config, 'train').split_string() == 'train[10000:1281167]'
+  assert datasets.num_examples(config, 'train') == 1_271_167
+  assert byol_experiment.total_steps(config, 1_271_167) == 310_343
+
+
 # ------------------------------------------------------------------------------------------
 # The shared CIFAR-10 folder (listing only).
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(),
                     reason=f'shared CIFAR-10 folder not found at {SHARED_CIFAR10}')
-def test_shared_cifar10_validation_is_the_last_500_of_each_class():
+def test_shared_cifar10_validation_is_the_first_500_of_each_class():
   # pylint: disable-next=protected-access
   paths, labels, classes = datasets._list_folder_split(SHARED_CIFAR10 / 'train')
   assert len(paths) == 50_000 and len(classes) == 10
-  validation = paths[-5000:]  # config.data.validation_examples = 5000 in the cifar10 preset.
-  assert np.bincount(labels[-5000:]).tolist() == [500] * 10
+  validation = paths[:5000]  # config.data.validation_examples = 5000 in the cifar10 presets.
+  assert np.bincount(labels[:5000]).tolist() == [500] * 10
   ranks = sorted({int(pathlib.Path(p).stem) for p in validation})
-  assert ranks == list(range(4500, 5000))
+  assert ranks == list(range(0, 500))

@@ -17,7 +17,7 @@ MODEL = ml_collections.ConfigDict(dict(
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(freeze_backbone=True, max_steps=60, base_lr=8.0, devices=2):
+def _setup(freeze_backbone=True, max_steps=60, base_lr=8.0, devices=2, cross_replica_bn=False):
   """(experiment, mapped train step, mapped eval step, mesh), compiled once per setting.
 
   The frozen problem gets a large LR so that 60 steps converge (features of a random tiny
@@ -26,7 +26,8 @@ def _setup(freeze_backbone=True, max_steps=60, base_lr=8.0, devices=2):
   config = eval_configs.get_config('demo').copy_and_resolve_references()
   config.unlock()
   config.update(dict(num_classes=NUM_CLASSES, image_size=SIZE, batch_size=BATCH,
-                     max_steps=max_steps, freeze_backbone=freeze_backbone))
+                     max_steps=max_steps, freeze_backbone=freeze_backbone,
+                     cross_replica_bn=cross_replica_bn))
   config.optimizer.base_lr = base_lr
   mesh = parallel.make_mesh(jax.devices()[:devices])
   experiment = eval_experiment.EvalExperiment(config, MODEL, train_examples=1)
@@ -126,14 +127,49 @@ def test_frozen_encoder_is_untouched_and_fine_tuning_moves_it():
   assert any(jax.tree_util.tree_leaves(moved_stats))
 
 
-def test_fine_tuning_on_two_devices_matches_one_device():
+def test_cross_replica_fine_tuning_on_two_devices_matches_one_device():
   """Cross-replica BatchNorm and the gradient sum make the split batch equal the whole one."""
   images, labels = _separable(64, seed=0)
-  two, _ = _train(_setup(False, 2, 0.2, devices=2), images, labels, steps=2)
-  one, _ = _train(_setup(False, 2, 0.2, devices=1), images, labels, steps=2)
+  two, _ = _train(_setup(False, 2, 0.2, devices=2, cross_replica_bn=True), images, labels,
+                  steps=2)
+  one, _ = _train(_setup(False, 2, 0.2, devices=1, cross_replica_bn=True), images, labels,
+                  steps=2)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          (two.encoder_params, two.encoder_state, two.head_params),
                          (one.encoder_params, one.encoder_state, one.head_params))
+
+
+def test_fine_tuning_batchnorm_is_per_device_by_default():
+  """The reference fine-tunes with per-device BatchNorm (no cross-replica axis) and evaluates
+  with the first device's moving averages: after one step on 2 devices the state is what the
+  encoder's training-mode forward gives on device 0's half of the batch alone."""
+  images, labels = _separable(64, seed=0)
+  experiment, _, _, _ = _setup(False, 2, 0.2, devices=2)
+  assert not experiment.cross_replica_bn
+  stepped, _ = _train(_setup(False, 2, 0.2, devices=2), images, labels, steps=1)
+  params, state = _pretrained_encoder()
+  _, expected = experiment.encoder.apply(params, state, None, images[:BATCH // 2], True)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         stepped.encoder_state, jax.device_get(expected))
+  synced, _ = _train(_setup(False, 2, 0.2, devices=2, cross_replica_bn=True), images, labels,
+                     steps=1)
+  differs = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.abs(a - b) > 1e-4)),
+                                   synced.encoder_state, stepped.encoder_state)
+  assert any(jax.tree_util.tree_leaves(differs))
+
+
+def test_head_is_a_fresh_haiku_linear_seeded_by_config_seed():
+  """hk.Linear's default init (truncated normal, std 1/sqrt(fan_in) before truncation at 2
+  std; zero bias), module 'linear', a pure function of config.seed (reference: random_seed)."""
+  experiment = _setup()[0]
+  head = experiment.init_head(512)
+  assert list(head) == ['linear'] and head['linear']['w'].shape == (512, NUM_CLASSES)
+  w, b = np.asarray(head['linear']['w']), np.asarray(head['linear']['b'])
+  np.testing.assert_array_equal(b, 0)
+  assert np.abs(w).max() <= 2 / np.sqrt(512)
+  # Std of a normal truncated at +-2 std: 0.8796 x 1/sqrt(512); 2048 draws: ~2% error.
+  assert abs(w.std() * np.sqrt(512) - 0.8796) < 0.05
+  np.testing.assert_array_equal(w, experiment.init_head(512)['linear']['w'])
 
 
 def test_balanced_subset_is_balanced_and_reproducible():
@@ -161,3 +197,109 @@ def test_presets(preset, protocol, frozen, fraction):
       protocol, frozen, fraction)
   with pytest.raises(ValueError, match='Unknown preset'):
     eval_configs.get_config('demo,cifar10')
+
+
+# ------------------------------------------------------------------------------------------
+# The online classifier of a pretraining run (the reference's pretraining eval).
+
+
+def _fill(shapes, seed):
+  """Params / BN state by shape, with numpy (compiling JAX's initialisers costs seconds): kernels
+  normal with std 1/sqrt(fan_in), BN scales and moving variances 1, everything else 0."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = '/'.join(getattr(p, 'key', str(p)) for p in path)
+    if name.endswith('/w'):
+      return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))).astype(x.dtype)
+    ones = name.endswith('/scale') or 'var_ema/' in name
+    return (np.ones if ones else np.zeros)(x.shape, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _tiny_byol():
+  """A ByolExperiment on the tiny encoder at 8 px and random online (params, state)."""
+  import byol  # configs/byol.py. pylint: disable=g-import-not-at-top
+  from byol_jax import byol_experiment  # pylint: disable=g-import-not-at-top
+  config = byol.get_config('demo')
+  with config.unlocked():
+    config.model.encoder = 'tiny'
+    config.model.width = 1.0
+    config.model.projector_hidden_size = config.model.predictor_hidden_size = 16
+    config.model.projection_size = 8
+    config.num_classes = 7
+    config.image_size = SIZE
+  experiment = byol_experiment.ByolExperiment(config, train_examples=64)
+  shapes = jax.eval_shape(lambda x: experiment.net.init(jax.random.PRNGKey(0), x, True),
+                          jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), np.float32))
+  return experiment, _fill(shapes, seed=3)
+
+
+def test_online_classifier_counts_are_the_references_summed_eval_scalars():
+  """Summed softmax cross-entropy, top-1 and top-5 hits of the `classifier` logits in
+  inference mode, over the real (masked-in) examples; the mapped step adds devices' sums."""
+  experiment, (params, bn_state) = _tiny_byol()
+  rng = np.random.default_rng(0)
+  images = rng.random((12, SIZE, SIZE, 3), np.float32)
+  labels = rng.integers(0, 7, 12).astype(np.int32)
+
+  @jax.jit
+  def logits_and_counts(params, bn_state, images, labels):
+    outputs, _ = experiment.net.apply(params, bn_state, None, images, False, online=True)
+    return outputs['logits'], eval_experiment.online_classifier_counts(
+        experiment, params, bn_state, images, labels)
+
+  logits, counts = logits_and_counts(params, bn_state, images, labels)
+  logits = np.asarray(logits, np.float64)
+  log_softmax = logits - logits.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  ranks = np.argsort(-logits, axis=-1)
+  expected = dict(loss=-log_softmax[np.arange(12), labels].sum(),
+                  top1=np.sum(ranks[:, 0] == labels),
+                  top5=np.sum(np.any(ranks[:, :5] == labels[:, None], axis=-1)), count=12)
+  assert {k: int(counts[k]) for k in ('top1', 'top5', 'count')} == {
+      k: int(expected[k]) for k in ('top1', 'top5', 'count')}
+  np.testing.assert_allclose(float(counts['loss']), expected['loss'], rtol=1e-5)
+  assert 0 < expected['top1'] < expected['top5'] < 12  # Not a degenerate case.
+
+  # Mapped over 2 devices, with 4 padding examples (mask False) that must not count.
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  step = parallel.map_step(eval_experiment.online_eval_step(experiment), mesh,
+                           donate_state=False)
+  pad = lambda x: np.concatenate([x, np.zeros((4,) + x.shape[1:], x.dtype)])
+  batch = dict(images=pad(images), labels=pad(labels), mask=np.arange(16) < 12)
+  model = parallel.replicate((params, bn_state), mesh)
+  result = eval_experiment.accuracy(step, model, [parallel.global_batch(batch, mesh)])
+  assert result['count'] == 12
+  assert (result['top1'], result['top5']) == (expected['top1'] / 12, expected['top5'] / 12)
+  np.testing.assert_allclose(result['loss'], expected['loss'] / 12, rtol=1e-5)
+
+
+def test_eval_steps_import_no_tensorflow():
+  """The pure evaluation functions run where TensorFlow is not installed."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import sys; import byol_jax.eval_experiment, byol_jax.main_loop; '
+          'assert not [m for m in sys.modules if m.startswith("tensorflow")]')
+  subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_eval_config_refuses_to_score_training_images(tmp_path):
+  config = eval_configs.get_config('imagenet')
+  config.checkpoint = str(tmp_path)
+  eval_experiment.validate_config(config)
+  config.eval_split = 'validation'  # The imagenet preset trains on it (TRAIN_AND_VALID).
+  with pytest.raises(ValueError, match='train_on_validation'):
+    eval_experiment.validate_config(config)
+  config.data.train_on_validation = False
+  eval_experiment.validate_config(config)
+
+
+def test_encoder_embed_gives_pooled_features_in_inference_mode():
+  params, state = _pretrained_encoder()
+  images, _ = _separable(4, seed=0)
+  features = eval_experiment.encoder_embed(MODEL)(params, state, images)
+  expected, _ = _setup()[0].encoder.apply(params, state, None, images, False)
+  assert features.shape == expected.shape and features.shape[0] == 4
+  np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
