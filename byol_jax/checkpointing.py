@@ -48,6 +48,9 @@ RESUME_MAY_DIFFER = (
     'keep_checkpoints',
     'restart_from_scratch',
     'final_knn',
+    'eval_every_steps',
+    'final_eval',
+    'eval_batch_size',
     'data.data_dir',
 )
 

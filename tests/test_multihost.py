@@ -250,7 +250,8 @@ def test_main_loop_two_processes(tmp_path):
   argv = [sys.executable, '-m', 'byol_jax.main_loop', '--config=configs/byol.py:demo',
           f'--workdir={workdir}', '--config.model.encoder=tiny', '--config.image_size=8',
           '--config.batch_size=8', f'--config.max_steps={steps}', '--config.log_every_steps=1',
-          '--config.final_knn.enabled=False', '--config.model.projector_hidden_size=32',
+          '--config.final_knn.enabled=False', '--config.final_eval=False',
+          '--config.model.projector_hidden_size=32',
           '--config.model.predictor_hidden_size=32', '--config.model.projection_size=16',
           f'--coordinator_address={address}', '--num_processes=2', '--distributed_timeout=120']
   results = run_all([(argv + [f'--process_id={i}'], subprocess_env(1)) for i in range(2)],
