@@ -86,12 +86,14 @@ class ByolExperiment:
     self.config = config
     self.total_steps = total_steps(config, train_examples)
     self.warmup_steps = warmup_steps(config, train_examples)
+    base_lr, weight_decay, base_tau = schedules.byol_hyperparameters(config)
     self.lr_schedule = lambda step: schedules.learning_rate(
-        step, base_lr=config.optimizer.base_lr, batch_size=config.batch_size,
+        step, base_lr=base_lr, batch_size=config.batch_size,
         total_steps=self.total_steps, warmup_steps=self.warmup_steps)
     self.tau_schedule = lambda step: schedules.target_ema_decay(
-        step, base_tau=config.base_target_ema, total_steps=self.total_steps)
-    self.optimizer = optimizers.make_optimizer(config.optimizer, self.lr_schedule)
+        step, base_tau=base_tau, total_steps=self.total_steps)
+    self.optimizer = optimizers.make_optimizer(config.optimizer, self.lr_schedule,
+                                               weight_decay=weight_decay)
     self.target_ema = target_ema.target_ema(self.tau_schedule)
     self.net = make_network(config, axis_name=None)  # Init / single-device inference.
     self.net_parallel = make_network(config, axis_name=AXIS)  # Inside the mapped step.

@@ -23,10 +23,14 @@ from ml_collections import config_flags
 from byol_jax import (byol_experiment, checkpointing, distributed, eval_experiment, metrics,
                       networks, parallel)
 
-_CONFIG = config_flags.DEFINE_config_file('config', None,
-                                          'Config file (configs/byol.py or configs/eval.py).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
+
+def _define_flags():
+  """Defined only when run as a program: importing this module (tests, other entry points)
+  must not clash with the importer's own --config / --workdir."""
+  config_flags.DEFINE_config_file('config', None,
+                                  'Config file (configs/byol.py or configs/eval.py).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
 
 
 def validate_config(config):
@@ -162,7 +166,7 @@ def train_byol(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None:
     sys.exit('error: --config is required, e.g. --config=configs/byol.py:demo')
   if not workdir:
@@ -185,4 +189,5 @@ def main(argv):
 if __name__ == '__main__':
   from byol_jax import xla_cpu_flags  # Faster CPU convolutions; set before JAX starts.
   xla_cpu_flags.configure()
+  _define_flags()
   app.run(main)

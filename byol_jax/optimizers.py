@@ -54,12 +54,13 @@ def lars(learning_rate: Callable, *, weight_decay: float, momentum: float = 0.9,
   )
 
 
-def make_optimizer(optimizer_config, learning_rate: Callable) -> optax.GradientTransformation:
+def make_optimizer(optimizer_config, learning_rate: Callable,
+                   weight_decay: float) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer.name` (lars or adamw)."""
   if optimizer_config.name == 'lars':
-    return lars(learning_rate, weight_decay=optimizer_config.weight_decay,
+    return lars(learning_rate, weight_decay=weight_decay,
                 momentum=optimizer_config.momentum, eta=optimizer_config.trust_coefficient)
   if optimizer_config.name == 'adamw':
-    return optax.adamw(learning_rate, weight_decay=optimizer_config.weight_decay,
+    return optax.adamw(learning_rate, weight_decay=weight_decay,
                        mask=decay_and_adapt_mask)
   raise ValueError(f'Unknown optimizer.name {optimizer_config.name!r}: choose lars or adamw.')

@@ -91,7 +91,7 @@ def test_trust_ratio_is_one_for_zero_norms():
 
 def test_adamw_skips_decay_on_biases_and_norms():
   opt = optimizers.make_optimizer(
-      type('C', (), dict(name='adamw', weight_decay=0.5))(), lambda s: 1.0)
+      type('C', (), dict(name='adamw'))(), lambda s: 1.0, weight_decay=0.5)
   params = _params()
   zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
   updates, _ = opt.update(zero_grads, opt.init(params), params)
