@@ -1,23 +1,22 @@
-"""Encoder export: checkpoint -> .npz (no pickle) -> load_encoder -> same features as the live
-model, for the file and for a workdir read directly."""
+"""Encoder export: checkpoint -> .safetensors (no pickle) -> load_encoder -> same features as the
+live model, for the file and for a workdir read directly; version-2 .npz exports still load."""
 
 import json
 import os
+import struct
 import subprocess
 import sys
-import zipfile
 
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from byol_jax import byol_experiment, checkpointing, export, parallel
 # One tiny-model config and batch for both test files.
 from test_checkpointing import random_batch, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +48,9 @@ def live_and_loaded_features(experiment, state, loaded, images):
 
 def test_export_round_trip_gives_the_live_features(tmp_path, run):
   workdir, experiment, state = run
-  out = str(tmp_path / 'encoder.npz')
+  out = str(tmp_path / 'encoder.safetensors')
   meta = export.export_encoder(workdir, out)
+  assert meta['format'] == 'byol_jax.encoder' and meta['format_version'] == 3
   assert meta['step'] == 2 and meta['image_size'] == 8 and meta['dataset'] == 'digits'
   assert meta['model']['encoder'] == 'tiny' and meta['num_classes'] == 10
 
@@ -73,15 +73,70 @@ def test_export_round_trip_gives_the_live_features(tmp_path, run):
   assert export.load_metadata(out) == meta == export.load_metadata(workdir)
 
 
-def test_export_file_is_plain_npz_without_pickles(tmp_path, run):
-  workdir, _, _ = run
-  out = str(tmp_path / 'encoder.npz')
+def read_safetensors_by_hand(path):
+  """(metadata, {key: array}) parsed with json and NumPy alone: the format is a little-endian
+  u64 header length, a JSON header, then the raw arrays (what makes it memory-mappable)."""
+  with open(path, 'rb') as f:
+    (length,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(length))
+  dtypes = {'F32': np.float32, 'I32': np.int32, 'I64': np.int64}
+  arrays = {}
+  for key, entry in header.items():
+    if key != '__metadata__':
+      begin, end = entry['data_offsets']
+      arrays[key] = np.memmap(path, dtypes[entry['dtype']], 'r', 8 + length + begin,
+                              tuple(entry['shape'])) if end > begin else None
+  return header.get('__metadata__'), arrays
+
+
+def test_export_file_is_safetensors_with_its_metadata_in_the_header(tmp_path, run):
+  workdir, _, state = run
+  out = str(tmp_path / 'encoder.safetensors')
   export.export_encoder(workdir, out)
-  with np.load(out, allow_pickle=False) as data:  # Would raise on an object array.
-    assert all(data[key].dtype != object for key in data.files)
-    assert json.loads(str(data['meta']))['format'] == export.FORMAT
-  with zipfile.ZipFile(out) as archive:
-    assert 'params/encoder/conv_0/w.npy' in archive.namelist()
+  metadata, arrays = read_safetensors_by_hand(out)
+  assert all(isinstance(value, str) for value in metadata.values())
+  assert metadata['format'] == 'byol_jax.encoder' and metadata['format_version'] == '3'
+  assert metadata['step'] == '2' and metadata['dataset'] == 'digits'
+  assert metadata['image_size'] == '8' and metadata['num_classes'] == '10'
+  assert json.loads(metadata['model'])['encoder'] == 'tiny'
+  assert set(metadata) == {'format', 'format_version', 'step', 'dataset', 'image_size',
+                           'num_classes', 'seed', 'source', 'model'}
+  np.testing.assert_array_equal(arrays['params/encoder/conv_0/w'],
+                                state.online_params['encoder/conv_0']['w'])
+  loaded = safetensors.numpy.load_file(out)
+  assert set(loaded) == set(arrays)
+  assert loaded['state/encoder/bn_0/~/mean_ema/counter'].dtype == np.int32
+
+
+def write_version2_npz(path, params, state, meta):
+  """An export as the byol_jax version before safetensors wrote it (format_version 2)."""
+  # pylint: disable=protected-access
+  arrays = {**export._flatten('params/', params), **export._flatten('state/', state),
+            'meta': np.asarray(json.dumps(dict(meta, format_version=2), sort_keys=True))}
+  with open(path, 'wb') as f:
+    np.savez(f, **arrays)
+
+
+def test_version2_npz_exports_still_load_and_version1_is_refused(tmp_path, run):
+  workdir, experiment, state = run
+  params, bn_state, meta = export.read_checkpoint_encoder(workdir)
+  old = str(tmp_path / 'encoder.npz')
+  write_version2_npz(old, params, bn_state, meta)
+  images = np.random.default_rng(3).random((4, 8, 8, 3), np.float32)
+  live, features = live_and_loaded_features(experiment, state, export.load_encoder(old), images)
+  np.testing.assert_array_equal(features, live)
+  assert export.load_metadata(old) == dict(meta, format_version=2)
+
+  version1 = str(tmp_path / 'version1.npz')
+  np.savez(version1, meta=np.asarray(json.dumps(dict(meta, format_version=1))))
+  with pytest.raises(ValueError, match='format_version 1.*version 1 predates the reference'):
+    export.load_encoder(version1)
+  # A version-2 header in a .safetensors file (or 3 in an .npz) is not a file this code wrote.
+  mixed = str(tmp_path / 'mixed.safetensors')
+  safetensors.numpy.save_file({'x': np.zeros(1)}, mixed,
+                              metadata=dict(format=export.FORMAT, format_version='2'))
+  with pytest.raises(ValueError, match='format_version 2; this code reads 3'):
+    export.load_metadata(mixed)
 
 
 def test_load_encoder_reads_a_workdir_directly(run):
@@ -92,9 +147,9 @@ def test_load_encoder_reads_a_workdir_directly(run):
   np.testing.assert_array_equal(features, live)
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, run):
   with pytest.raises(FileNotFoundError):
-    export.load_encoder(str(tmp_path / 'missing.npz'))
+    export.load_encoder(str(tmp_path / 'missing.safetensors'))
   not_export = tmp_path / 'other.npz'
   np.savez(not_export, x=np.zeros(3))
   with pytest.raises(ValueError, match='not a byol_jax encoder export'):
@@ -103,13 +158,35 @@ def test_bad_inputs(tmp_path):
   garbage.write_bytes(b'PK\x03\x04 truncated')
   with pytest.raises(ValueError, match='not a readable encoder export'):
     export.load_encoder(str(garbage))
+  truncated = tmp_path / 'truncated.safetensors'
+  truncated.write_bytes(struct.pack('<Q', 500) + b'{"x": ')
+  with pytest.raises(ValueError, match='not a readable encoder export'):
+    export.load_encoder(str(truncated))
+  other = tmp_path / 'other.safetensors'
+  safetensors.numpy.save_file({'x': np.zeros(3)}, str(other))
+  with pytest.raises(ValueError, match='not a byol_jax encoder export'):
+    export.load_encoder(str(other))
+  single = tmp_path / 'single.npy'
+  np.save(single, np.zeros(3))
+  with pytest.raises(ValueError, match='single .npy array'):
+    export.load_metadata(str(single))
+  text = tmp_path / 'notes.txt'
+  text.write_text('hello, world')
+  with pytest.raises(ValueError, match='neither a .safetensors nor an .npz'):
+    export.load_encoder(str(text))
   with pytest.raises(FileNotFoundError):
-    export.export_encoder(str(tmp_path / 'no_run'), str(tmp_path / 'out.npz'))
+    export.export_encoder(str(tmp_path / 'no_run'), str(tmp_path / 'out.safetensors'))
+  workdir, _, _ = run
+  with pytest.raises(ValueError, match="needs a ResNet encoder.*model.encoder is 'tiny'"):
+    export.export_encoder(workdir, str(tmp_path / 'tv.safetensors'), format='torchvision')
+  with pytest.raises(ValueError, match='Unknown export format'):
+    export.export_encoder(workdir, str(tmp_path / 'x.safetensors'), format='onnx')
+  assert not list(tmp_path.glob('*.safetensors.tmp-*'))
 
 
 def test_command_line(tmp_path, run):
   workdir, _, _ = run
-  out = tmp_path / 'sub' / 'encoder.npz'
+  out = tmp_path / 'sub' / 'encoder.safetensors'
   result = subprocess.run([sys.executable, '-m', 'byol_jax.export', f'--workdir={workdir}',
                            f'--out={out}'], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
