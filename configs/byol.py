@@ -46,7 +46,7 @@ Presets (the part after the colon; default `imagenet`):
   random-init 75.8%, raw pixels 93.9%. With --config.augment.crop_sampler=torchvision the
   current code gives BYOL 81.5%, random-init 71.4%.)
   Deliberate departures from the reference, because LARS tuned for batch 4096 barely moves in
-  ~1,000 small steps (see README "Faithful to the reference"): AdamW instead of LARS, milder
+  ~1,000 small steps (see README "Conformance with the reference"): AdamW instead of LARS, milder
   crops (scale [0.5, 1]), no flips (they change digit identity), no blur; the 297 held-out
   digits (the first 297) are left out of pretraining (`data.train_on_validation=False`).
 
