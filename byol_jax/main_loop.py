@@ -20,8 +20,9 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from byol_jax import (byol_experiment, checkpointing, distributed, eval_experiment, metrics,
-                      networks, parallel)
+from byol_jax.core import byol_experiment, networks
+from byol_jax.runtime import checkpointing, distributed, metrics, parallel
+from byol_jax.evaluation import eval_experiment
 
 
 def _define_flags():
@@ -60,7 +61,7 @@ def validate_config(config):
                      'knn_every_steps=0).')
   if config.eval_batch_size <= 0:
     raise ValueError(f'eval_batch_size must be positive, got {config.eval_batch_size}.')
-  from byol_jax import augmentations  # TensorFlow: the input pipeline needs it next anyway.
+  from byol_jax.data import augmentations  # TensorFlow: the input pipeline needs it next anyway.
   augmentations.crop_sampler(config.augment)  # Raises for an unknown sampler.
 
 
@@ -72,7 +73,7 @@ def _check_finite(step: int, metrics_at_step: dict):
 
 
 def train_byol(config, workdir: str):
-  from byol_jax import datasets  # TensorFlow enters only with the input pipeline.
+  from byol_jax.data import datasets  # TensorFlow enters only with the input pipeline.
 
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
@@ -187,7 +188,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from byol_jax import xla_cpu_flags  # Faster CPU convolutions; set before JAX starts.
+  from byol_jax.runtime import xla_cpu_flags  # Faster CPU convolutions; set before JAX starts.
   xla_cpu_flags.configure()
   _define_flags()
   app.run(main)

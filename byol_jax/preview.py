@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from byol_jax import datasets
+from byol_jax.data import datasets
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file[:preset].')
 _OUT = flags.DEFINE_string('out', 'preview.png', 'Where to write the PNG grid.')

@@ -55,7 +55,7 @@ def make_config(args):
 
 def main(argv=None):
   args = parse_args(argv)
-  from byol_jax import datasets  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import datasets  # pylint: disable=g-import-not-at-top
   config = make_config(args)
 
   start = time.perf_counter()

@@ -29,7 +29,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, 'configs')]
 
-from byol_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+from byol_jax.runtime import xla_cpu_flags  # pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):
@@ -51,7 +51,7 @@ def parse_args(argv=None):
                  help='Stop after the warm step that ends this long after the warmup (at least '
                       'one warm step is timed; the PyTorch yardstick does the same).')
   p.add_argument('--no_xla_cpu_flags', action='store_true',
-                 help="Do not add the project's XLA:CPU flags (byol_jax/xla_cpu_flags.py).")
+                 help="Do not add the project's XLA:CPU flags (byol_jax/runtime/xla_cpu_flags.py).")
   p.add_argument('--json_out', default='', help='Also write the JSON record to this file.')
   args = p.parse_args(argv)
   if args.warmup_steps < 1 or args.steps < 1:
@@ -96,7 +96,8 @@ def main(argv=None):
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import byol_experiment, networks, parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import byol_experiment, networks  # pylint: disable=g-import-not-at-top
+  from byol_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
 
   config = make_config(args)
   networks.compute_dtype(config.model)  # One-line error for a bad dtype.

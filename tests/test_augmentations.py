@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_jax import augmentations
+from byol_jax.data import augmentations
 
 N = 3000  # Images per rate test (8x8 pixels each: a few milliseconds per op).
 

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import byol_experiment, parallel
+from byol_jax.core import byol_experiment
+from byol_jax.runtime import parallel
 
 
 def _config(dtype):

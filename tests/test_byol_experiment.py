@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import byol_experiment, parallel
+from byol_jax.core import byol_experiment
+from byol_jax.runtime import parallel
 
 
 def _config(optimizer='lars', batch_size=8):

@@ -19,7 +19,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import byol  # configs/byol.py (conftest puts configs/ on the path).
-from byol_jax import byol_experiment, checkpointing, parallel
+from byol_jax.core import byol_experiment
+from byol_jax.runtime import checkpointing, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,7 @@ def test_async_save_is_immune_to_the_next_donating_steps(tmp_path, mesh, trained
     state, _ = step_fn(state, parallel.global_batch(batch, mesh))
   checkpoints.close()
   _, restored, _ = checkpointing.restore_state(
-      str(tmp_path), checkpointing.train_state_target(tiny_config()))
+      str(tmp_path), checkpointing.train_state_target(byol_experiment.state_shapes(tiny_config())))
   assert_trees_equal(restored, expected)
 
 
@@ -294,11 +295,11 @@ def test_restore_state_reads_latest_without_a_live_run(tmp_path, trained_states)
   config = tiny_config()
   save_steps(str(tmp_path), config, states, steps=(1, 2))
   step, state, saved = checkpointing.restore_state(
-      str(tmp_path), checkpointing.train_state_target(config))
+      str(tmp_path), checkpointing.train_state_target(byol_experiment.state_shapes(config)))
   assert step == 2 and saved['model']['encoder'] == 'tiny'
   assert_trees_equal(state, states[1])
   with pytest.raises(FileNotFoundError):
-    checkpointing.restore_state(str(tmp_path / 'none'), checkpointing.train_state_target(config))
+    checkpointing.restore_state(str(tmp_path / 'none'), checkpointing.train_state_target(byol_experiment.state_shapes(config)))
 
 
 # --- Save schedule and signals. ----------------------------------------------------------------
@@ -348,7 +349,7 @@ RUN_FLAGS = [
 # outside surely lands mid-run.
 DRIVER = """
 import os, runpy, signal, sys, time
-from byol_jax import checkpointing
+from byol_jax.runtime import checkpointing
 kill_at, slow_after = (int(os.environ.get(k, -1)) for k in ('KILL_AT_STEP', 'SLOW_AFTER_STEP'))
 should_save, save = checkpointing.SaveSchedule.should_save, checkpointing.Checkpointer.save
 def hooked_should_save(self, step):
@@ -391,7 +392,7 @@ def run_main_loop(workdir, *extra, env=None, expect_rc=0):
 
 def final_state(workdir):
   config = tiny_config(batch_size=16, max_steps=TOTAL_STEPS)
-  return checkpointing.restore_state(workdir, checkpointing.train_state_target(config))
+  return checkpointing.restore_state(workdir, checkpointing.train_state_target(byol_experiment.state_shapes(config)))
 
 
 def metric_rows(workdir):

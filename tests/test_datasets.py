@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from byol_jax import datasets
+from byol_jax.data import datasets
 
 SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10'
 CLASSES = ('ant', 'bee', 'cat')
@@ -351,7 +351,8 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
   """Reference: pretraining on TRAIN_AND_VALID (1,281,167 images), VALID = TFDS train[:10000],
   TRAIN = train[10000:], TEST = TFDS validation. 1000 epochs at batch 4096: 312,784 steps."""
   import eval as eval_configs  # pylint: disable=g-import-not-at-top
-  from byol_jax import byol_experiment, eval_experiment  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import byol_experiment  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluation import eval_experiment  # pylint: disable=g-import-not-at-top
   config = byol.get_config('imagenet')
   assert config.data.train_on_validation
   sizes = {split: datasets.num_examples(config, split)

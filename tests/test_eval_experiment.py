@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import eval as eval_configs  # configs/eval.py (conftest puts configs/ on the path).
-from byol_jax import eval_experiment, export, parallel
+from byol_jax.evaluation import eval_experiment
+from byol_jax.runtime import export, parallel
 
 NUM_CLASSES, SIZE, BATCH = 4, 8, 32
 MODEL = ml_collections.ConfigDict(dict(
@@ -221,7 +222,7 @@ def _fill(shapes, seed):
 def _tiny_byol():
   """A ByolExperiment on the tiny encoder at 8 px and random online (params, state)."""
   import byol  # configs/byol.py. pylint: disable=g-import-not-at-top
-  from byol_jax import byol_experiment  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import byol_experiment  # pylint: disable=g-import-not-at-top
   config = byol.get_config('demo')
   with config.unlocked():
     config.model.encoder = 'tiny'
@@ -280,7 +281,7 @@ def test_eval_steps_import_no_tensorflow():
   """The pure evaluation functions run where TensorFlow is not installed."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  code = ('import sys; import byol_jax.eval_experiment, byol_jax.main_loop; '
+  code = ('import sys; import byol_jax.evaluation.eval_experiment, byol_jax.main_loop; '
           'assert not [m for m in sys.modules if m.startswith("tensorflow")]')
   subprocess.run([sys.executable, '-c', code], check=True)
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from byol_jax import byol_experiment, checkpointing, export, parallel
+from byol_jax.core import byol_experiment
+from byol_jax.runtime import checkpointing, export, parallel
 # One tiny-model config and batch for both test files.
 from test_checkpointing import random_batch, tiny_config
 

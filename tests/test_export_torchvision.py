@@ -27,7 +27,8 @@ torch = pytest.importorskip('torch', reason='torch is not installed: pip install
 safetensors_torch = pytest.importorskip('safetensors.torch')
 
 import byol  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol_jax import export, networks, torchvision_resnet  # pylint: disable=wrong-import-position
+from byol_jax.runtime import export, torchvision_resnet  # pylint: disable=wrong-import-position
+from byol_jax.core import networks  # pylint: disable=wrong-import-position
 
 torchvision = torchvision_resnet.import_torchvision()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,7 +306,8 @@ def test_command_line_torchvision_export_of_a_checkpoint(tmp_path, capsys):
   the checkpoint's JAX features."""
   # pylint: disable=import-outside-toplevel
   from test_checkpointing import tiny_config
-  from byol_jax import byol_experiment, checkpointing, parallel
+  from byol_jax.core import byol_experiment
+  from byol_jax.runtime import checkpointing, parallel
   workdir = str(tmp_path / 'run')
   config = tiny_config(**{'model.encoder': 'tiny_resnet', 'image_size': 16})
   experiment = byol_experiment.ByolExperiment(config, 100)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from byol_jax import knn
+from byol_jax.evaluation import knn
 
 
 def test_one_hot_features_classify_perfectly():

@@ -6,7 +6,7 @@ import os
 
 from tensorboard.backend.event_processing import event_accumulator
 
-from byol_jax import metrics
+from byol_jax.runtime import metrics
 
 
 def test_jsonl_tensorboard_and_progress(tmp_path, capsys):

@@ -69,7 +69,7 @@ def flat_params(tree) -> dict:
 
 def worker(args):
   start = time.time()
-  from byol_jax import distributed  # pylint: disable=g-import-not-at-top
+  from byol_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   mode = 'auto' if args.auto else 'on' if args.coordinator else 'off'
   multi = distributed.initialize(distributed.Settings(
       mode=mode, coordinator_address=args.coordinator, num_processes=args.num_processes,
@@ -78,7 +78,7 @@ def worker(args):
   if args.connect_only:
     print(f'connected: process {jax.process_index()} of {jax.process_count()}, '
           f'{jax.device_count()} devices, multi={multi}', flush=True)
-    from byol_jax import parallel  # pylint: disable=g-import-not-at-top
+    from byol_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
     mesh = parallel.make_mesh()
     parallel.replicate({'w': np.arange(3.0)}, mesh)  # Same everywhere: accepted.
     try:
@@ -86,7 +86,8 @@ def worker(args):
     except ValueError as e:
       print(f'replicate refused: {e}', flush=True)
     return
-  from byol_jax import byol_experiment, parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.core import byol_experiment  # pylint: disable=g-import-not-at-top
+  from byol_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
 
   config = tiny_config()
   experiment = byol_experiment.ByolExperiment(config, train_examples=GLOBAL_BATCH * STEPS)
@@ -281,7 +282,7 @@ def test_unreachable_coordinator_fails_fast(tmp_path):
 
 
 def test_wait_for_coordinator_in_process():
-  from byol_jax import distributed
+  from byol_jax.runtime import distributed
   address = f'127.0.0.1:{free_port()}'
   t0 = time.monotonic()
   with pytest.raises(distributed.DistributedError, match=r'process 1 of 2'):
@@ -301,13 +302,13 @@ def test_wait_for_coordinator_in_process():
     (dict(coordinator_address='10.0.0.1'), r"coordinator_address='10.0.0.1' must be host:port"),
 ])
 def test_inconsistent_settings_name_the_values(kwargs, message):
-  from byol_jax import distributed
+  from byol_jax.runtime import distributed
   with pytest.raises(ValueError, match=message):
     distributed.validate(distributed.Settings(**kwargs))
 
 
 def test_when_to_initialize():
-  from byol_jax import distributed
+  from byol_jax.runtime import distributed
   S, should = distributed.Settings, distributed.should_initialize
   assert should(S(), environ={}) is None
   assert should(S(coordinator_address='h:1', num_processes=2, process_id=0), environ={})
@@ -349,7 +350,7 @@ def test_replicate_leaves_the_callers_tree_intact():
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
-  from byol_jax import parallel
+  from byol_jax.runtime import parallel
   mesh = parallel.make_mesh()
   tree = {'a': jnp.arange(16.0), 'b': jnp.ones((4, 4), jnp.int32)}
   expected = jax.tree_util.tree_map(np.array, tree)

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from byol_jax import networks
+from byol_jax.core import networks
 
 
 def _model(encoder, width=1.0, v2=False, cifar_stem=False, zero_init_last_bn=True):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import networks
+from byol_jax.core import networks
 
 # (map height, map width, kernel, stride, cin, cout): shapes the ResNets meet on small images.
 CASES = [

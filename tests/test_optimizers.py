@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from byol_jax import optimizers
+from byol_jax.core import optimizers
 
 WD, ETA, MOMENTUM = 1e-2, 1e-3, 0.9
 

@@ -1,4 +1,4 @@
-"""Reading checkpoints written by the reference's checkpointing (byol_jax/reference_checkpoint.py).
+"""Reading checkpoints written by the reference's checkpointing (byol_jax/runtime/reference_checkpoint.py).
 
 The golden `tests/golden/reference_pretrain_tiny.pkl` was written by the reference's own save
 code (tests/golden/generate.py). The other pickles here are written by hand with the class paths
@@ -18,8 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import byol_experiment, checkpointing, export, networks
-from byol_jax import reference_checkpoint as rc
+from byol_jax.core import byol_experiment, networks
+from byol_jax.runtime import checkpointing, export
+from byol_jax.runtime import reference_checkpoint as rc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'reference_pretrain_tiny.pkl')

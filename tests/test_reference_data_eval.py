@@ -27,7 +27,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_jax import augmentations, eval_experiment, networks, parallel
+from byol_jax.data import augmentations
+from byol_jax.evaluation import eval_experiment
+from byol_jax.core import networks
+from byol_jax.runtime import parallel
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
 

@@ -24,7 +24,8 @@ import numpy as np
 import optax
 import pytest
 
-from byol_jax import byol_experiment, networks, parallel, reference_checkpoint, schedules
+from byol_jax.core import byol_experiment, networks, schedules
+from byol_jax.runtime import parallel, reference_checkpoint
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
 

@@ -6,7 +6,7 @@ import byol  # configs/byol.py (conftest puts configs/ on the path).
 import numpy as np
 import pytest
 
-from byol_jax import byol_experiment, schedules
+from byol_jax.core import byol_experiment, schedules
 
 
 def test_learning_rate_warmup_then_cosine():

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import schedules, target_ema
+from byol_jax.core import schedules, target_ema
 
 
 def test_update_is_target_plus_one_minus_tau_times_difference():

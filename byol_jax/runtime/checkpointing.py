@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from byol_jax import byol_experiment, parallel
+from byol_jax.runtime import parallel
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -106,7 +106,8 @@ def _all_processes(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
+def one_line(error, limit: int = 300) -> str:
+  """An error (or any text) on one line of at most ~`limit` characters, for messages."""
   text = ' '.join(str(error).split()) or type(error).__name__
   return text if len(text) <= limit else text[:limit] + '...'
 
@@ -162,14 +163,9 @@ def abstract_state(state, sharding):
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), state)
 
 
-def train_state_target(config, sharding=None):
-  """Restore target for a run of `config` without building its state: the TrainState's shapes
-  and dtypes, placed with `sharding` (default: this process's first device)."""
-  experiment = byol_experiment.ByolExperiment(config, train_examples=1)  # Shapes only.
-  shapes = jax.eval_shape(lambda key: experiment.init(key, config.image_size),
-                          jax.random.PRNGKey(0))
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+def train_state_target(shapes, sharding=None):
+  """Restore target from a state's shapes and dtypes (`byol_experiment.state_shapes(config)`),
+  placed with `sharding` (default: this process's first device)."""
   return abstract_state(shapes, sharding)
 
 
@@ -291,7 +287,7 @@ class Checkpointer:
             if previous else 'no earlier checkpoint exists')
     return CheckpointError(
         f'Saving the checkpoint of step {step} to {self.directory} failed '
-        f'({_one_line(error, 200)}); {kept}. Fix the cause (e.g. free disk space) and rerun the '
+        f'({one_line(error, 200)}); {kept}. Fix the cause (e.g. free disk space) and rerun the '
         f'same command to resume.')
 
   def _list_complete_steps(self) -> list:
@@ -335,7 +331,7 @@ class Checkpointer:
       restored, error = None, e
     if _all_processes(error is None):
       return restored
-    reason = _one_line(error) if error is not None else 'unreadable on another process'
+    reason = one_line(error) if error is not None else 'unreadable on another process'
     _warn(f'checkpoint {self.step_path(step)} cannot be read ({reason}); falling back to the '
           f'previous one.')
     return None
@@ -442,8 +438,8 @@ def _read_first_readable(path: str, step: Optional[int], args: dict):
         return candidate, manager.restore(candidate, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
         if step is not None:
-          raise CheckpointError(f'Checkpoint {where} cannot be read: {_one_line(e)}') from e
-        _warn(f'checkpoint {where} cannot be read ({_one_line(e)}); falling back to the '
+          raise CheckpointError(f'Checkpoint {where} cannot be read: {one_line(e)}') from e
+        _warn(f'checkpoint {where} cannot be read ({one_line(e)}); falling back to the '
               f'previous one.')
     raise CheckpointError(f'None of the checkpoints in {directory} can be read.')
   finally:

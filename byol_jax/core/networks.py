@@ -309,13 +309,27 @@ def param_count(params) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
+def make_encoder_transform(model_config, axis_name=None, float32_features=False):
+  """`hk.transform_with_state` of the encoder alone, apply(params, state, None, images,
+  is_training) -> (features, state), with the module names of pretraining ('encoder'), so
+  checkpointed encoder params plug in unchanged.
+
+  Images are cast to the model's compute dtype; `float32_features` casts the features back.
+  `axis_name`: BatchNorm statistics across devices in training mode (None: per device).
+  """
+  dtype = compute_dtype(model_config)
+
+  def forward(images, is_training):
+    features = make_encoder(model_config, axis_name)(images.astype(dtype), is_training)
+    return features.astype(jnp.float32) if float32_features else features
+
+  return hk.transform_with_state(forward)
+
+
 def encoder_feature_size(model_config, image_size: int = 32) -> int:
   """Width of the pooled features (e.g. 2048 for ResNet-50 1x), by shape inference."""
-  def fn(x):
-    return make_encoder(model_config)(x, is_training=True)
-  f = hk.transform_with_state(fn)
+  f = make_encoder_transform(model_config)
   x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-  params, state = jax.eval_shape(f.init, jax.random.PRNGKey(0), x)
-  out, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x), params, state, x)
+  params, state = jax.eval_shape(lambda key, x: f.init(key, x, True), jax.random.PRNGKey(0), x)
+  out, _ = jax.eval_shape(lambda p, s, x: f.apply(p, s, None, x, True), params, state, x)
   return int(out.shape[-1])
-

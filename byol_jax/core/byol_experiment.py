@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from byol_jax import networks, optimizers, schedules, target_ema
+from byol_jax.core import networks, optimizers, schedules, target_ema
+from byol_jax.core.axis import AXIS  # Re-exported: byol_experiment.AXIS.
 
-AXIS = 'data'  # The mesh axis the batch is split over.
 
 
 class TrainState(NamedTuple):
@@ -207,3 +207,10 @@ def _collapse_metric(projection):
   mean = jax.lax.pmean(jnp.mean(z, axis=0), AXIS)
   mean_sq = jax.lax.pmean(jnp.mean(z * z, axis=0), AXIS)
   return jnp.mean(jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.)))
+
+
+def state_shapes(config):
+  """The TrainState's shapes and dtypes for a run of `config`, without building it."""
+  experiment = ByolExperiment(config, train_examples=1)
+  return jax.eval_shape(lambda key: experiment.init(key, config.image_size),
+                        jax.random.PRNGKey(0))

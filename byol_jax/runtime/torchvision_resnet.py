@@ -1,6 +1,6 @@
 """PyTorch side of `python -m byol_jax.export --format=torchvision`.
 
-    from byol_jax import torchvision_resnet
+    from byol_jax.runtime import torchvision_resnet
     model = torchvision_resnet.load('encoder.safetensors')  # eval mode, SAME padding, fc=Identity
     features = model(normalised_images)  # NCHW, normalised as for torchvision's ImageNet models
 

@@ -1,6 +1,6 @@
 """The device mesh, the mapped training step and global batch assembly.
 
-The per-device step (named axis `byol_experiment.AXIS`) is mapped over a 1-D mesh of every
+The per-device step (named axis `core.axis.AXIS`) is mapped over a 1-D mesh of every
 device of every process with `jax.shard_map`: what `jax.pmap` itself is built on in current JAX.
 State is replicated; the batch is split along its leading axis.
 """
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from byol_jax.byol_experiment import AXIS
+from byol_jax.core.axis import AXIS
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -36,8 +36,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from byol_jax import export, knn, metrics, networks, optimizers, parallel, schedules
-from byol_jax.byol_experiment import AXIS
+from byol_jax.runtime import export, metrics, parallel
+from byol_jax.evaluation import knn
+from byol_jax.core import networks, optimizers, schedules
+from byol_jax.core.axis import AXIS
 
 PROTOCOLS = ('linear', 'knn')
 
@@ -51,24 +53,13 @@ class EvalState(NamedTuple):
 
 
 def make_encoder_network(model_config, axis_name=None):
-  """`hk.transform_with_state` of the encoder alone, apply(..., images, is_training).
-
-  The encoder keeps its pretraining module name (`networks.make_encoder`'s 'encoder'), so
-  checkpointed encoder params plug in unchanged. `axis_name`: BatchNorm statistics across
-  devices in training mode (None: per device).
-  """
-  dtype = networks.compute_dtype(model_config)
-
-  def forward(images, is_training):
-    features = networks.make_encoder(model_config, axis_name)(images.astype(dtype), is_training)
-    return features.astype(jnp.float32)
-
-  return hk.transform_with_state(forward)
+  """The encoder alone with float32 features (`networks.make_encoder_transform`)."""
+  return networks.make_encoder_transform(model_config, axis_name, float32_features=True)
 
 
 def encoder_embed(model_config):
   """Jitted embed(params, state, images) -> pooled features of the encoder, inference mode."""
-  encoder = export.make_encoder_fn(model_config)
+  encoder = networks.make_encoder_transform(model_config)
   return jax.jit(lambda params, state, images: encoder.apply(params, state, None, images,
                                                              False)[0])
 
@@ -278,7 +269,7 @@ EVAL_BATCH = 256  # Per process: feature extraction for kNN.
 
 def _whole_split(config, split):
   """One pass over all of `split` on every process (kNN needs the whole bank on each)."""
-  from byol_jax import datasets
+  from byol_jax.data import datasets
   return datasets.eval_batches(config, split, EVAL_BATCH, process_index=0, process_count=1)
 
 
@@ -336,7 +327,7 @@ def pretraining_knn(config, experiment, state, initial_state) -> dict:
   inference mode) and raw pixels (centred, cosine). The bank is the labelled training split,
   unaugmented.
   """
-  from byol_jax import datasets
+  from byol_jax.data import datasets
   k, temperature = config.final_knn.k, config.final_knn.temperature
   random_params, random_state = jax.device_get((initial_state.online_params,
                                                 initial_state.online_state))
@@ -363,7 +354,7 @@ def pretraining_knn(config, experiment, state, initial_state) -> dict:
 def online_eval_split(config) -> str:
   """Where the online classifier is evaluated: the dataset's test split (ImageNet: the 50,000
   TFDS validation images, the reference's TEST), else the validation hold-out."""
-  from byol_jax import datasets
+  from byol_jax.data import datasets
   return 'test' if datasets.has_split(config, 'test') else 'validation'
 
 
@@ -372,7 +363,7 @@ def online_classifier_eval(config, step_fn, state, mesh) -> dict:
   pass of centre-cropped batches of `config.eval_batch_size` (global), `step_fn` being
   `online_eval_step` mapped over `mesh`. Returns top1, top5 (fractions), loss (mean
   cross-entropy), count and split."""
-  from byol_jax import datasets
+  from byol_jax.data import datasets
   split = online_eval_split(config)
   batches = (parallel.global_batch(batch, mesh) for batch in datasets.eval_batches(
       config, split, local_eval_batch(config.eval_batch_size)))
@@ -434,7 +425,7 @@ def validate_config(config):
 
 def train_classifier(config, model_config, params, bn_state, workdir: str) -> dict:
   """Linear evaluation or fine-tuning; returns held-out top-1/top-5 and the split sizes."""
-  from byol_jax import datasets
+  from byol_jax.data import datasets
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   subset = None

@@ -49,7 +49,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Keep TF's C++ INFO/WARNING
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from byol_jax import augmentations  # pylint: disable=g-import-not-at-top
+from byol_jax.data import augmentations  # pylint: disable=g-import-not-at-top
 
 
 def _hide_accelerators_from_tf():

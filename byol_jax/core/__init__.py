@@ -1,0 +1,3 @@
+"""Core layer: networks, optimizers, schedules, target EMA, the BYOL step. No TensorFlow;
+imports nothing from data/, evaluation/ or runtime/.
+"""
