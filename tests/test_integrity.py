@@ -92,6 +92,12 @@ def test_write_read_verify(tmp_path):
   tree['params']['b'][0] = 1
   reason = integrity.verify(tree, str(tmp_path))
   assert reason is not None and '\n' not in reason and 'do not match the digest' in reason
+  # A digest kept elsewhere (e.g. Orbax's custom_metadata).
+  assert integrity.check_against(tree, None, 'metadata') == (True, False, None)
+  assert not integrity.check_against(tree, 'garbage', 'metadata').ok
+  assert integrity.check_against(tree, integrity.tree_digest(tree), 'm') == (True, True, None)
+  assert 'do not match the digest in m ' in integrity.check_against(
+      tree, integrity.read_digest(str(tmp_path)), 'm').reason
   (tmp_path / integrity.DIGEST_FILE).write_text('{"digest": ')
   verdict = integrity.check(tree, str(tmp_path))
   assert not verdict.ok and 'not a valid digest file' in verdict.reason

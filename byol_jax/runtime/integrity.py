@@ -7,6 +7,8 @@ writer. API:
   write_digest(directory, digest)     `directory/DIGEST_FILE`, written atomically
   read_digest(directory) -> str|None  None when the file is absent (older checkpoints)
   check(tree, directory) -> Verdict   (ok, verified, reason)
+  check_against(tree, expected, where) -> Verdict   the same for a digest stored elsewhere,
+                                      e.g. Orbax's per-step custom_metadata (None: absent)
   verify(tree, directory) -> str|None None when it matches (or cannot be checked), else a
                                       one-line reason
 
@@ -146,20 +148,27 @@ class Verdict(NamedTuple):
   reason: Optional[str]   # One line when not ok.
 
 
+def check_against(tree, expected: Optional[str], where: str) -> Verdict:
+  """Compares `tree` with `expected` (None: no digest was stored, an older checkpoint);
+  `where` names the digest's location in the reason."""
+  if expected is None:
+    return Verdict(True, False, None)
+  if not (isinstance(expected, str) and expected.startswith(_PREFIX)):
+    return Verdict(False, False, f'the digest in {where} is not valid ({expected!r:.40})')
+  actual = tree_digest(tree)
+  if actual != expected:
+    return Verdict(False, True, f'its arrays do not match the digest in {where} (stored '
+                                f'{expected[:19]}..., restored {actual[:19]}...)')
+  return Verdict(True, True, None)
+
+
 def check(tree, directory: str) -> Verdict:
   """Compares `tree` (as restored) with the digest stored in `directory`."""
   try:
     expected = read_digest(directory)
   except DigestFileError as e:
     return Verdict(False, False, str(e))
-  if expected is None:
-    return Verdict(True, False, None)
-  actual = tree_digest(tree)
-  if actual != expected:
-    return Verdict(False, True, f'its arrays do not match the digest in {directory}/'
-                                f'{DIGEST_FILE} (stored {expected[:19]}..., restored '
-                                f'{actual[:19]}...)')
-  return Verdict(True, True, None)
+  return check_against(tree, expected, os.path.join(directory, DIGEST_FILE))
 
 
 def verify(tree, directory: str) -> Optional[str]:
