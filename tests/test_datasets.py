@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from byol_jax.data import datasets
+from byol_jax.data import datasets, sources
 
 SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10'
 CLASSES = ('ant', 'bee', 'cat')
@@ -268,7 +268,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
 
 def test_corrupt_image_found_while_reading_a_large_folder(tmp_path, monkeypatch):
   # Folders too big for memory are read lazily; a bad file then surfaces mid-run, by name.
-  monkeypatch.setattr(datasets, '_IN_MEMORY_BYTES', 0)
+  monkeypatch.setattr(sources, '_IN_MEMORY_BYTES', 0)
   broken = corrupt_folder(tmp_path)
   config = make_config(f'folder:{tmp_path}', batch_size=11, validation_examples=0, plain=True)
   with pytest.raises(ValueError, match=re.escape(f'Corrupt image file {broken}')):
@@ -283,7 +283,7 @@ def test_corrupt_image_found_while_reading_a_large_folder(tmp_path, monkeypatch)
 def forget_mock_data():
   """Loaded splits are cached per process; mock TFDS data must not outlive its test."""
   yield
-  datasets._load_splits.cache_clear()  # pylint: disable=protected-access
+  sources._load_splits.cache_clear()  # pylint: disable=protected-access
 
 
 def test_digits_are_gray_rgb_upsampled_to_the_image_size():
@@ -344,7 +344,7 @@ class _FakeImagenetBuilder:
 
 @pytest.fixture
 def imagenet_metadata(monkeypatch, forget_mock_data):
-  monkeypatch.setattr(datasets, '_tfds_builder', lambda name, data_dir: _FakeImagenetBuilder())
+  monkeypatch.setattr(sources, '_tfds_builder', lambda name, data_dir: _FakeImagenetBuilder())
 
 
 def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
@@ -360,9 +360,9 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
   assert sizes == dict(train=1_281_167, labelled_train=1_281_167, validation=10_000,
                        test=50_000)
   # pylint: disable=protected-access
-  assert datasets._split(config, 'validation').split_string() == 'train[0:10000]'
-  assert datasets._split(config, 'train').split_string() == 'train[0:1281167]'
-  assert datasets._split(config, 'test').split_string() == 'validation[0:50000]'
+  assert sources._split(config, 'validation').split_string() == 'train[0:10000]'
+  assert sources._split(config, 'train').split_string() == 'train[0:1281167]'
+  assert sources._split(config, 'test').split_string() == 'validation[0:50000]'
   assert byol_experiment.total_steps(config, sizes['train']) == 312_784
   assert byol_experiment.warmup_steps(config, sizes['train']) == 3_127  # 10 epochs.
   # Linear evaluation trains on the same images: 80 epochs at batch 4096.
@@ -373,7 +373,7 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
 
   # The hold-out left out (the reference's TRAIN): 310,343 steps.
   config.data.train_on_validation = False
-  assert datasets._split(config, 'train').split_string() == 'train[10000:1281167]'
+  assert sources._split(config, 'train').split_string() == 'train[10000:1281167]'
   assert datasets.num_examples(config, 'train') == 1_271_167
   assert byol_experiment.total_steps(config, 1_271_167) == 310_343
 
@@ -386,9 +386,53 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
                     reason=f'shared CIFAR-10 folder not found at {SHARED_CIFAR10}')
 def test_shared_cifar10_validation_is_the_first_500_of_each_class():
   # pylint: disable-next=protected-access
-  paths, labels, classes = datasets._list_folder_split(SHARED_CIFAR10 / 'train')
+  paths, labels, classes = sources._list_folder_split(SHARED_CIFAR10 / 'train')
   assert len(paths) == 50_000 and len(classes) == 10
   validation = paths[:5000]  # config.data.validation_examples = 5000 in the cifar10 presets.
   assert np.bincount(labels[:5000]).tolist() == [500] * 10
   ranks = sorted({int(pathlib.Path(p).stem) for p in validation})
   assert ranks == list(range(0, 500))
+
+
+def _views_by_image(batches):
+  """{original image bytes: (view1, view2)} over the images seen in `batches`."""
+  seen = {}
+  for batch in batches:
+    for original, view1, view2 in zip(batch['originals'], batch['view1'], batch['view2']):
+      seen[original.tobytes()] = (view1, view2)
+  return seen
+
+
+def _assert_same_views(a, b):
+  common = set(a) & set(b)
+  assert len(common) >= 32
+  for key in common:
+    np.testing.assert_array_equal(a[key][0], b[key][0])
+    np.testing.assert_array_equal(a[key][1], b[key][1])
+
+
+def test_views_do_not_depend_on_the_batch_size():
+  """Every draw for an image is a function of (seed, epoch, its global index, view): the same
+  image gets the same two views in batches of 64 and of 128 (full augmentation, digits)."""
+  def views(batch_size, steps):
+    config = make_config('digits', batch_size=batch_size, validation_examples=100)
+    config.image_size = 32
+    return _views_by_image(take(datasets.pretrain_batches(
+        config, process_index=0, process_count=1, include_originals=True), steps))
+  _assert_same_views(views(64, 2), views(128, 1))
+
+
+def test_views_do_not_depend_on_the_process_count(uniform_folder):
+  """Folder data: each image's views are the same whether one process
+  reads the whole split or two processes read half each."""
+  def views(batch_size, process_index, process_count):
+    config = make_config(f'folder:{uniform_folder}', batch_size=batch_size, plain=True)
+    return _views_by_image(take(datasets.pretrain_batches(
+        config, process_index=process_index, process_count=process_count,
+        include_originals=True), 2))
+  one = views(6, 0, 1)
+  two = {**views(6, 0, 2), **views(6, 1, 2)}
+  common = set(one) & set(two)
+  assert common
+  for key in common:
+    np.testing.assert_array_equal(one[key][0], two[key][0])

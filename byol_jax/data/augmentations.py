@@ -18,50 +18,31 @@ their composition `view`) take float32 batches [B, S, S, 3] in [0, 1]. Every ran
 is drawn with shape [B], so each image gets its own parameters; a draw is never shared by the
 batch. Working on whole batches keeps the per-image cost low on a few CPU cores.
 
-All randomness comes from `tf.random.stateless_*` ops driven by an explicit shape-[2] integer
-seed: the same seed gives the same output, which is what makes data batches a pure function of
-(seed, step) in `datasets.py`.
+All randomness is stateless (seeds.py), driven by an explicit seed: a shape-[2] seed for the
+whole batch, or int64 [B, 2] per-image seeds, with which image i's crop and photometric draws
+depend on its own seed only (not on the batch size). The same seed gives the same output, which
+is what makes data batches a pure function of (seed, step) in `datasets.py`.
 """
 
 import functools
-import math
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Keep TF's C++ INFO/WARNING lines quiet.
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-# Proportion of the short side kept by evaluation centre crops (the reference's 224 / 256).
-CENTER_CROP_FRACTION = 0.875
-# Random-resized-crop samplers (`sample_crop_windows`): the reference's single draw, or
-# torchvision's 10 candidate windows before falling back to a centre crop.
-CROP_SAMPLERS = ('reference', 'torchvision')
-_TORCHVISION_CROP_ATTEMPTS = 10
-# tf.image.resize (bicubic) looks its cubic weights up in a table of this many fractional
-# positions; the batched crop rounds the same way so that both crop paths agree.
-_BICUBIC_TABLE_SIZE = 1024
+from byol_jax.data import crops, seeds  # pylint: disable=g-import-not-at-top
+# The crop API, re-exported: augmentations is the one module callers need for a view.
+from byol_jax.data.crops import (  # pylint: disable=g-import-not-at-top,unused-import
+    _center_window, CENTER_CROP_FRACTION, center_crop, center_crop_batch, crop_and_resize,
+    CROP_SAMPLERS, random_resized_crop, random_resized_crop_batch, resize_windows,
+    sample_crop_windows)
+from byol_jax.data.seeds import derive_seed  # pylint: disable=g-import-not-at-top  (public here too)
 
 # Distinct stream numbers, so that no two ops of a view consume the same random numbers.
 _FLIP, _JITTER, _GRAYSCALE, _BLUR, _SOLARIZE = range(5)
 # Colour-jitter op ids; _NO_OP marks images that skip jitter.
 BRIGHTNESS, CONTRAST, SATURATION, HUE, _NO_OP = range(5)
-
-
-def derive_seed(seed, *data):
-  """Folds integers into a shape-[2] stateless seed: an independent seed per (seed, data)."""
-  seed = tf.cast(seed, tf.int64)
-  for value in data:
-    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int64))
-  return seed
-
-
-def _split_seed(seed, num):
-  return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num))
-
-
-def _coin(seed, batch_size, prob):
-  """Per-image Bernoulli(prob) draws, shape [batch_size] bool."""
-  return tf.random.stateless_uniform([batch_size], seed) < prob
 
 
 def _select(mask, when_true, when_false):
@@ -73,168 +54,6 @@ def _select(mask, when_true, when_false):
   return tf.reshape(chosen, shape)
 
 
-def _clip(images):
-  return tf.clip_by_value(images, 0.0, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Geometry.
-
-
-def sample_crop_windows(seed, height, width, num, scale, ratio, sampler='reference'):
-  """Draws `num` random-resized-crop windows (y, x, h, w), each int32 [num].
-
-  `sampler` (`config.augment.crop_sampler`):
-
-  * 'reference' (default; BYOL's own ImageNet pipeline): ONE draw per window. The area is a
-    uniform fraction in `scale` of height x width, the aspect ratio w / h is log-uniform in
-    `ratio`, w = round(sqrt(area x ratio)) and h = round(sqrt(area / ratio)), each then clipped
-    to the image side (and to at least 1 pixel). No retries and no fallback: a draw that does
-    not fit is clipped, so large crops of the whole width or height are common. Mean area
-    fraction ~0.51 at scale (0.08, 1) on ImageNet-shaped images.
-  * 'torchvision' (torchvision's RandomResizedCrop, used by many peers): of 10 such draws the
-    first that fits inside the image unclipped is kept; if none fits (extreme ratios, tiny
-    images) the window is the largest centred one with an allowed ratio. Mean area ~0.43.
-
-  Offsets are uniform over the positions where the window fits.
-  """
-  if sampler == 'reference':
-    attempts = 1
-  elif sampler == 'torchvision':
-    attempts = _TORCHVISION_CROP_ATTEMPTS
-  else:
-    raise ValueError(f'Unknown crop sampler {sampler!r}: choose from {", ".join(CROP_SAMPLERS)}.')
-  area_seed, ratio_seed, offset_seed = _split_seed(seed, 3)
-  height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  shape = [num, attempts]
-  area = height_f * width_f * tf.random.stateless_uniform(shape, area_seed, *scale)
-  aspect = tf.exp(tf.random.stateless_uniform(
-      shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
-  crop_w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
-  crop_h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
-  offsets = tf.random.stateless_uniform([2, num], offset_seed)
-
-  def offset(draw, room):
-    return tf.minimum(tf.cast(draw * tf.cast(room + 1, tf.float32), tf.int32), room)
-
-  if sampler == 'reference':
-    crop_h = tf.clip_by_value(crop_h[:, 0], 1, height)
-    crop_w = tf.clip_by_value(crop_w[:, 0], 1, width)
-    return offset(offsets[0], height - crop_h), offset(offsets[1], width - crop_w), crop_h, crop_w
-
-  fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= width) & (crop_h <= height)
-  first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-  any_fit = tf.reduce_any(fits, axis=1)
-  crop_h = tf.gather(crop_h, first_fit, batch_dims=1)
-  crop_w = tf.gather(crop_w, first_fit, batch_dims=1)
-  # Fallback: the whole image, narrowed to the nearest allowed aspect ratio.
-  image_ratio = width_f / height_f
-  fallback_w = tf.where(image_ratio > ratio[1], tf.round(height_f * ratio[1]), width_f)
-  fallback_h = tf.where(image_ratio < ratio[0], tf.round(width_f / ratio[0]), height_f)
-  fallback_w = tf.clip_by_value(tf.cast(fallback_w, tf.int32), 1, width)
-  fallback_h = tf.clip_by_value(tf.cast(fallback_h, tf.int32), 1, height)
-  crop_h = tf.where(any_fit, crop_h, fallback_h)
-  crop_w = tf.where(any_fit, crop_w, fallback_w)
-  offset_y = tf.where(any_fit, offset(offsets[0], height - crop_h), (height - crop_h) // 2)
-  offset_x = tf.where(any_fit, offset(offsets[1], width - crop_w), (width - crop_w) // 2)
-  return offset_y, offset_x, crop_h, crop_w
-
-
-def _center_window(height, width, fraction):
-  """A centred square of `fraction` of the short side, as the reference computes it: the side
-  is the float32 product truncated to an integer (not rounded), at least one pixel; the offsets
-  are ((H - side) + 1) // 2 and ((W - side) + 1) // 2."""
-  short_side = tf.cast(tf.minimum(height, width), tf.float32)
-  side = tf.maximum(tf.cast(short_side * fraction, tf.int32), 1)
-  return (height - side + 1) // 2, (width - side + 1) // 2, side, side
-
-
-def crop_and_resize(image, window, size):
-  """Crops `window` out of one [H, W, C] image, resizes it bicubically to size x size."""
-  offset_y, offset_x, crop_h, crop_w = window
-  crop = image[offset_y:offset_y + crop_h, offset_x:offset_x + crop_w]
-  crop = tf.image.convert_image_dtype(crop, tf.float32)  # uint8 -> [0, 1]; float unchanged.
-  # Bicubic interpolation overshoots at sharp edges; the network expects [0, 1].
-  return _clip(tf.image.resize(crop, [size, size], method='bicubic'))
-
-
-def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        sampler='reference'):
-  """A random crop (area fraction in `scale`, aspect ratio in `ratio`, drawn by `sampler`: see
-  `sample_crop_windows`) resized to size x size.
-
-  `image` is one [H, W, 3] image of any size (uint8, or float in [0, 1]); images smaller than
-  the output are upsampled. Returns float32 [size, size, 3] in [0, 1].
-  """
-  shape = tf.shape(image)
-  windows = sample_crop_windows(seed, shape[0], shape[1], 1, scale, ratio, sampler)
-  return crop_and_resize(image, [w[0] for w in windows], size)
-
-
-def center_crop(image, size, fraction=CENTER_CROP_FRACTION):
-  """Evaluation preprocessing of one image: centred square of `fraction` of the short side,
-  resized to size x size. Returns float32 in [0, 1]."""
-  shape = tf.shape(image)
-  return crop_and_resize(image, _center_window(shape[0], shape[1], fraction), size)
-
-
-def _keys_cubic(distance):
-  """Keys' cubic convolution kernel with a = -0.5, the kernel of tf.image.resize 'bicubic'."""
-  d = tf.abs(distance)
-  near = (1.5 * d - 2.5) * d * d + 1.0
-  far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
-  return tf.where(d <= 1.0, near, tf.where(d < 2.0, far, 0.0))
-
-
-def _bicubic_matrix(offset, length, size, full_length):
-  """[B, size, full_length] matrices resampling the windows [offset, offset + length) of an
-  axis to `size` samples exactly as tf.image.resize(method='bicubic') resamples a crop:
-  half-pixel centres; taps outside the window get weight 0 and the rest are renormalised."""
-  length_f = tf.cast(length, tf.float32)[:, None, None]
-  position = (tf.range(size, dtype=tf.float32)[None, :, None] + 0.5) * length_f / size - 0.5
-  base = tf.floor(position)
-  position = base + tf.round((position - base) * _BICUBIC_TABLE_SIZE) / _BICUBIC_TABLE_SIZE
-  # Source pixel l sits at l - offset inside the window; the kernel is 0 beyond distance 2.
-  inside = tf.range(full_length)[None, None, :] - offset[:, None, None]
-  weights = _keys_cubic(tf.cast(inside, tf.float32) - position)
-  weights *= tf.cast((inside >= 0) & (inside < length[:, None, None]), tf.float32)
-  return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
-
-
-def _separable(images, rows, columns):
-  """out[b] = rows[b] @ images[b] @ columns[b]^T per channel: any per-image separable linear
-  map (resampling a window, blurring). Two products are cheaper in TF than one 3-way einsum."""
-  images = tf.einsum('bih,bhwc->biwc', rows, images)
-  return tf.einsum('bjw,biwc->bijc', columns, images)
-
-
-def resize_windows(images, windows, size):
-  """Per-image windows of a same-size batch [B, H, W, 3], each resized bicubically to
-  size x size. Returns float32 in [0, 1]."""
-  offset_y, offset_x, crop_h, crop_w = windows
-  shape = tf.shape(images)
-  rows = _bicubic_matrix(offset_y, crop_h, size, shape[1])
-  columns = _bicubic_matrix(offset_x, crop_w, size, shape[2])
-  return _clip(_separable(tf.image.convert_image_dtype(images, tf.float32), rows, columns))
-
-
-def random_resized_crop_batch(images, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                              sampler='reference'):
-  """`random_resized_crop` for a batch of same-size images; each image draws its own window.
-
-  Returns float32 [B, size, size, 3] in [0, 1].
-  """
-  shape = tf.shape(images)
-  windows = sample_crop_windows(seed, shape[1], shape[2], shape[0], scale, ratio, sampler)
-  return resize_windows(images, windows, size)
-
-
-def center_crop_batch(images, size, fraction=CENTER_CROP_FRACTION):
-  """`center_crop` for a batch of same-size images."""
-  shape = tf.shape(images)
-  window = _center_window(shape[1], shape[2], fraction)
-  return resize_windows(images, [tf.fill([shape[0]], v) for v in window], size)
-
 
 # ---------------------------------------------------------------------------------------------
 # Photometric ops on batches. `images`: float32 [B, S, S, 3] in [0, 1].
@@ -242,7 +61,7 @@ def center_crop_batch(images, size, fraction=CENTER_CROP_FRACTION):
 
 def flip(images, seed, prob=0.5):
   """Mirrors each image left-right with probability `prob`."""
-  return _select(_coin(seed, tf.shape(images)[0], prob), tf.reverse(images, axis=[2]), images)
+  return _select(seeds.coin(seed, tf.shape(images)[0], prob), tf.reverse(images, axis=[2]), images)
 
 
 def _pixels(images):
@@ -252,7 +71,7 @@ def _pixels(images):
 
 def adjust_brightness(images, delta):
   """Adds delta[i] to every value of image i, then clips."""
-  return _clip(images + delta[:, None, None, None])
+  return crops.clip_unit(images + delta[:, None, None, None])
 
 
 def adjust_contrast(images, factor):
@@ -260,7 +79,7 @@ def adjust_contrast(images, factor):
   tf.image.adjust_contrast), then clips."""
   pixels = _pixels(images)
   mean = tf.reduce_mean(pixels, axis=1, keepdims=True)
-  return tf.reshape(_clip((pixels - mean) * factor[:, None, None] + mean), tf.shape(images))
+  return tf.reshape(crops.clip_unit((pixels - mean) * factor[:, None, None] + mean), tf.shape(images))
 
 
 def adjust_saturation(images, factor):
@@ -276,14 +95,14 @@ def adjust_saturation(images, factor):
   factor = factor[:, None, None]
   limit = tf.math.divide_no_nan(value, chroma)  # 1 / S; gray pixels (chroma 0) do not change.
   scaled = value - (value - pixels) * tf.where(chroma > 0, tf.minimum(factor, limit), 1.0)
-  return tf.reshape(_clip(scaled), tf.shape(images))
+  return tf.reshape(crops.clip_unit(scaled), tf.shape(images))
 
 
 def adjust_hue(images, delta):
   """Rotates HSV hue by delta[i] of a full turn (as tf.image.adjust_hue)."""
   hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
   hue = tf.math.floormod(hue + delta[:, None, None], 1.0)
-  return _clip(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
+  return crops.clip_unit(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
 
 
 _ADJUST = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast,
@@ -295,15 +114,15 @@ def sample_color_jitter(seed, batch_size, *, prob=0.8, brightness=0.4, contrast=
   """Per-image colour-jitter parameters: {'apply': bool [B], 'order': int32 [B, 4] (a random
   permutation of the op ids BRIGHTNESS, CONTRAST, SATURATION, HUE), and one strength [B] per
   op: brightness delta, contrast factor, saturation factor, hue delta}."""
-  apply_seed, order_seed, *strength_seeds = _split_seed(seed, 6)
+  apply_seed, order_seed, *strength_seeds = seeds.split_seed(seed, 6)
   ranges = {BRIGHTNESS: (-brightness, brightness), CONTRAST: (1 - contrast, 1 + contrast),
             SATURATION: (1 - saturation, 1 + saturation), HUE: (-hue, hue)}
-  params = {op: tf.random.stateless_uniform([batch_size], strength_seeds[op], low, high)
+  params = {op: seeds.uniform(strength_seeds[op], batch_size, (), low, high)
             for op, (low, high) in ranges.items()}
-  params['apply'] = _coin(apply_seed, batch_size, prob)
+  params['apply'] = seeds.coin(apply_seed, batch_size, prob)
   # A uniformly random permutation per image: the argsort of i.i.d. uniforms.
   params['order'] = tf.argsort(
-      tf.random.stateless_uniform([batch_size, 4], order_seed), axis=-1, stable=True)
+      seeds.uniform(order_seed, batch_size, [4]), axis=-1, stable=True)
   return params
 
 
@@ -342,7 +161,7 @@ def color_jitter(images, seed, *, prob=0.8, brightness=0.4, contrast=0.4, satura
 def to_grayscale(images, seed, prob=0.2):
   """Replaces each image, with probability `prob`, by its luma (ITU-R 601) in all channels."""
   gray = tf.tile(tf.image.rgb_to_grayscale(images), [1, 1, 1, 3])
-  return _select(_coin(seed, tf.shape(images)[0], prob), gray, images)
+  return _select(seeds.coin(seed, tf.shape(images)[0], prob), gray, images)
 
 
 def blur_kernel_size(image_size, kernel_fraction):
@@ -357,9 +176,9 @@ def gaussian_blur(images, seed, *, prob, sigma_range=(0.1, 2.0), kernel_size):
   read 0), as the TF/JAX reference code does. Only the images drawn for blurring are touched.
   """
   batch_size = tf.shape(images)[0]
-  apply_seed, sigma_seed = _split_seed(seed, 2)
-  apply = _coin(apply_seed, batch_size, prob)
-  sigma = tf.random.stateless_uniform([batch_size], sigma_seed, *sigma_range)
+  apply_seed, sigma_seed = seeds.split_seed(seed, 2)
+  apply = seeds.coin(apply_seed, batch_size, prob)
+  sigma = seeds.uniform(sigma_seed, batch_size, (), *sigma_range)
   return _apply_to_some(apply, lambda some, sigma: _blur(some, sigma, kernel_size),
                         images, sigma)
 
@@ -388,20 +207,20 @@ def _blur(images, sigma, kernel_size):
     in_kernel = tf.cast(tf.abs(distance) <= radius, tf.float32)
     return tf.exp(-tf.square(distance) / spread) * in_kernel / total
 
-  return _clip(_separable(images, band(shape[1]), band(shape[2])))
+  return crops.clip_unit(crops.separable(images, band(shape[1]), band(shape[2])))
 
 
 def solarize(images, seed, prob=0.2):
   """With probability `prob` per image, maps x to (x < 0.5 ? x : 1 - x), i.e. min(x, 1 - x)."""
   solarized = tf.minimum(images, 1.0 - images)
-  return _select(_coin(seed, tf.shape(images)[0], prob), solarized, images)
+  return _select(seeds.coin(seed, tf.shape(images)[0], prob), solarized, images)
 
 
 # ---------------------------------------------------------------------------------------------
 # Compositions.
 
 
-def _traced(op, **settings):
+def _traced(op, seed, **settings):
   """op(images, seed, **settings) as a tf.function traced once per process and settings, for
   float32 images of any shape.
 
@@ -409,12 +228,14 @@ def _traced(op, **settings):
   (a resumed run, linear evaluation, each test) would otherwise re-trace them, which took
   seconds on a busy 2-core machine.
   """
-  return _traced_op(op, tuple(sorted(settings.items())))
+  return _traced_op(op, seed.shape.rank, tuple(sorted(settings.items())))
 
 
 @functools.lru_cache(maxsize=None)
-def _traced_op(op, settings):
-  any_batch = [tf.TensorSpec([None, None, None, 3], tf.float32), tf.TensorSpec([2], tf.int64)]
+def _traced_op(op, seed_rank, settings):
+  seed_shape = [2] if seed_rank == 1 else [None, 2]  # A batch seed, or per-image seeds.
+  any_batch = [tf.TensorSpec([None, None, None, 3], tf.float32),
+               tf.TensorSpec(seed_shape, tf.int64)]
   return tf.function(functools.partial(op, **dict(settings)), autograph=False,
                      input_signature=any_batch)
 
@@ -450,14 +271,15 @@ def view(images, seed, augment, view_config):
   """
   images = tf.convert_to_tensor(images, tf.float32)
   kernel_size = blur_kernel_size(images.shape[1], augment.blur_kernel_fraction)
+  seed = tf.cast(seed, tf.int64)
   run = _traced(
-      _view_ops, flip_images=bool(augment.flip),
+      _view_ops, seed, flip_images=bool(augment.flip),
       jitter=tuple(float(v) for v in (augment.color_jitter_prob, augment.brightness,
                                       augment.contrast, augment.saturation, augment.hue)),
       grayscale_prob=float(augment.grayscale_prob),
       blur=(float(view_config.blur_prob), tuple(map(float, augment.blur_sigma)), kernel_size),
       solarize_prob=float(view_config.solarize_prob))
-  return tf.ensure_shape(run(images, tf.cast(seed, tf.int64)), images.shape)
+  return tf.ensure_shape(run(images, seed), images.shape)
 
 
 def crop_sampler(augment):
@@ -478,11 +300,12 @@ def pretraining_crop(image, seed, augment, size):
 
 def pretraining_crop_batch(images, seed, augment, size):
   """`pretraining_crop` for a batch of same-size images."""
-  run = _traced(random_resized_crop_batch, size=size,
+  seed = tf.cast(seed, tf.int64)
+  run = _traced(random_resized_crop_batch, seed, size=size,
                 scale=tuple(map(float, augment.crop_scale)),
                 ratio=tuple(map(float, augment.crop_ratio)), sampler=crop_sampler(augment))
   images = tf.image.convert_image_dtype(images, tf.float32)
-  return tf.ensure_shape(run(images, tf.cast(seed, tf.int64)), [images.shape[0], size, size, 3])
+  return tf.ensure_shape(run(images, seed), [images.shape[0], size, size, 3])
 
 
 def linear_eval_view(images, seed, augment):
