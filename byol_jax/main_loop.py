@@ -7,7 +7,7 @@ iterate over (seed, step)-determined batches, log, evaluate the online classifie
 validation hold-out when the dataset has no test split, as WORKDIR/online_eval_results.json),
 and report representation quality with kNN when the config asks for it. `configs/eval.py`
 (experiment 'linear_eval') runs an evaluation protocol on a pretrained encoder instead
-(eval_experiment.py).
+(evaluation/drivers.py).
 """
 
 import itertools
@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from byol_jax.core import byol_experiment, networks
 from byol_jax.runtime import checkpointing, distributed, metrics, parallel
-from byol_jax.evaluation import eval_experiment
+from byol_jax.evaluation import drivers, steps
 
 
 def _define_flags():
@@ -101,11 +101,11 @@ def train_byol(config, workdir: str):
     batches = itertools.chain([first], batches)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
 
-  online_eval_fn = parallel.map_step(eval_experiment.online_eval_step(experiment), mesh,
+  online_eval_fn = parallel.map_step(steps.online_eval_step(experiment), mesh,
                                      donate_state=False)
 
   def online_eval(step):
-    result = eval_experiment.online_classifier_eval(config, online_eval_fn, state, mesh)
+    result = drivers.online_classifier_eval(config, online_eval_fn, state, mesh)
     writer.start(step)  # The evaluation pass is not training time: keep it out of images/s.
     writer.write(step, {key: result[key] for key in ('top1', 'top5', 'loss')},
                  prefix=f'online_{result["split"]}_')
@@ -124,7 +124,7 @@ def train_byol(config, workdir: str):
       _check_finite(*previous)
       writer.write(step + 1, step_metrics)
     if config.knn_every_steps and (step + 1) % config.knn_every_steps == 0 and step + 1 < total:
-      knn_metrics = eval_experiment.knn_monitor(config, experiment, state)
+      knn_metrics = drivers.knn_monitor(config, experiment, state)
       writer.start(step + 1)  # The kNN pass is not training time: keep it out of images/s.
       writer.write(step + 1, knn_metrics)
     if (config.eval_every_steps and (step + 1) % config.eval_every_steps == 0
@@ -155,7 +155,7 @@ def train_byol(config, workdir: str):
                   indent=1)
 
   if config.final_knn.enabled:
-    results = eval_experiment.pretraining_knn(config, experiment, state, initial_state)
+    results = drivers.pretraining_knn(config, experiment, state, initial_state)
     writer.write(total, {f'knn_{name}_top1': r['top1'] for name, r in results.items()})
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'knn_results.json'), 'w') as f:
@@ -179,8 +179,8 @@ def main(argv):
       validate_config(config)
       train_byol(config, workdir)
     elif config.experiment == 'linear_eval':  # configs/eval.py: all evaluation protocols.
-      eval_experiment.validate_config(config)
-      eval_experiment.evaluate(config, workdir)
+      drivers.validate_config(config)
+      drivers.evaluate(config, workdir)
     else:
       raise ValueError(f'Unknown experiment {config.experiment!r}.')
   except (ValueError, FileNotFoundError, FloatingPointError, distributed.DistributedError) as e:

@@ -9,7 +9,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from byol_jax.runtime import checkpointing
-from byol_jax.runtime.reference_checkpoint import write_workdir, one_line
+from byol_jax.runtime.checkpointing import one_line
+from byol_jax.runtime.reference_checkpoint import write_workdir
 
 
 def _define_flags():

@@ -352,7 +352,7 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
   TRAIN = train[10000:], TEST = TFDS validation. 1000 epochs at batch 4096: 312,784 steps."""
   import eval as eval_configs  # pylint: disable=g-import-not-at-top
   from byol_jax.core import byol_experiment  # pylint: disable=g-import-not-at-top
-  from byol_jax.evaluation import eval_experiment  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluation import drivers, steps  # pylint: disable=g-import-not-at-top
   config = byol.get_config('imagenet')
   assert config.data.train_on_validation
   sizes = {split: datasets.num_examples(config, split)
@@ -369,7 +369,7 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
   eval_config = eval_configs.get_config('imagenet')
   eval_train = datasets.num_examples(eval_config, 'labelled_train')
   assert eval_train == 1_281_167
-  assert eval_experiment.total_steps(eval_config, eval_train) == 25_022
+  assert steps.total_steps(eval_config, eval_train) == 25_022
 
   # The hold-out left out (the reference's TRAIN): 310,343 steps.
   config.data.train_on_validation = False

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import eval as eval_configs  # configs/eval.py (conftest puts configs/ on the path).
-from byol_jax.evaluation import eval_experiment
+from byol_jax.evaluation import drivers, steps
 from byol_jax.runtime import export, parallel
 
 NUM_CLASSES, SIZE, BATCH = 4, 8, 32
@@ -31,7 +31,7 @@ def _setup(freeze_backbone=True, max_steps=60, base_lr=8.0, devices=2, cross_rep
                      cross_replica_bn=cross_replica_bn))
   config.optimizer.base_lr = base_lr
   mesh = parallel.make_mesh(jax.devices()[:devices])
-  experiment = eval_experiment.EvalExperiment(config, MODEL, train_examples=1)
+  experiment = steps.EvalExperiment(config, MODEL, train_examples=1)
   return (experiment, parallel.map_step(experiment.train_step, mesh),
           parallel.map_step(experiment.eval_step, mesh, donate_state=False), mesh)
 
@@ -86,7 +86,7 @@ def _held_out_accuracy(setup, state, images, labels):
   batches = (parallel.global_batch(dict(images=images[i:i + BATCH], labels=labels[i:i + BATCH],
                                         mask=mask[i:i + BATCH]), mesh)
              for i in range(0, len(labels), BATCH))
-  return eval_experiment.accuracy(eval_fn, parallel.replicate(state, mesh), batches)
+  return steps.accuracy(eval_fn, parallel.replicate(state, mesh), batches)
 
 
 def test_linear_eval_separates_separable_classes():
@@ -176,14 +176,14 @@ def test_head_is_a_fresh_haiku_linear_seeded_by_config_seed():
 def test_balanced_subset_is_balanced_and_reproducible():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 5000)
-  subset = eval_experiment.balanced_subset(labels, 0.1, seed=3)
+  subset = drivers.balanced_subset(labels, 0.1, seed=3)
   counts = np.bincount(labels[subset], minlength=10)
   assert np.all(counts == 50)  # round(0.1 * 5000 / 10).
   assert np.all(np.diff(subset) > 0)  # Sorted, no repeats.
-  np.testing.assert_array_equal(subset, eval_experiment.balanced_subset(labels, 0.1, seed=3))
-  assert not np.array_equal(subset, eval_experiment.balanced_subset(labels, 0.1, seed=4))
+  np.testing.assert_array_equal(subset, drivers.balanced_subset(labels, 0.1, seed=3))
+  assert not np.array_equal(subset, drivers.balanced_subset(labels, 0.1, seed=4))
   # A tiny fraction still keeps one example of every class.
-  assert len(eval_experiment.balanced_subset(labels, 1e-5, seed=0)) == 10
+  assert len(drivers.balanced_subset(labels, 1e-5, seed=0)) == 10
 
 
 @pytest.mark.parametrize('preset, protocol, frozen, fraction', [
@@ -248,7 +248,7 @@ def test_online_classifier_counts_are_the_references_summed_eval_scalars():
   @jax.jit
   def logits_and_counts(params, bn_state, images, labels):
     outputs, _ = experiment.net.apply(params, bn_state, None, images, False, online=True)
-    return outputs['logits'], eval_experiment.online_classifier_counts(
+    return outputs['logits'], steps.online_classifier_counts(
         experiment, params, bn_state, images, labels)
 
   logits, counts = logits_and_counts(params, bn_state, images, labels)
@@ -266,12 +266,12 @@ def test_online_classifier_counts_are_the_references_summed_eval_scalars():
 
   # Mapped over 2 devices, with 4 padding examples (mask False) that must not count.
   mesh = parallel.make_mesh(jax.devices()[:2])
-  step = parallel.map_step(eval_experiment.online_eval_step(experiment), mesh,
+  step = parallel.map_step(steps.online_eval_step(experiment), mesh,
                            donate_state=False)
   pad = lambda x: np.concatenate([x, np.zeros((4,) + x.shape[1:], x.dtype)])
   batch = dict(images=pad(images), labels=pad(labels), mask=np.arange(16) < 12)
   model = parallel.replicate((params, bn_state), mesh)
-  result = eval_experiment.accuracy(step, model, [parallel.global_batch(batch, mesh)])
+  result = steps.accuracy(step, model, [parallel.global_batch(batch, mesh)])
   assert result['count'] == 12
   assert (result['top1'], result['top5']) == (expected['top1'] / 12, expected['top5'] / 12)
   np.testing.assert_allclose(result['loss'], expected['loss'] / 12, rtol=1e-5)
@@ -281,7 +281,7 @@ def test_eval_steps_import_no_tensorflow():
   """The pure evaluation functions run where TensorFlow is not installed."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  code = ('import sys; import byol_jax.evaluation.eval_experiment, byol_jax.main_loop; '
+  code = ('import sys; import byol_jax.evaluation.steps, byol_jax.main_loop; '
           'assert not [m for m in sys.modules if m.startswith("tensorflow")]')
   subprocess.run([sys.executable, '-c', code], check=True)
 
@@ -289,18 +289,18 @@ def test_eval_steps_import_no_tensorflow():
 def test_eval_config_refuses_to_score_training_images(tmp_path):
   config = eval_configs.get_config('imagenet')
   config.checkpoint = str(tmp_path)
-  eval_experiment.validate_config(config)
+  drivers.validate_config(config)
   config.eval_split = 'validation'  # The imagenet preset trains on it (TRAIN_AND_VALID).
   with pytest.raises(ValueError, match='train_on_validation'):
-    eval_experiment.validate_config(config)
+    drivers.validate_config(config)
   config.data.train_on_validation = False
-  eval_experiment.validate_config(config)
+  drivers.validate_config(config)
 
 
 def test_encoder_embed_gives_pooled_features_in_inference_mode():
   params, state = _pretrained_encoder()
   images, _ = _separable(4, seed=0)
-  features = eval_experiment.encoder_embed(MODEL)(params, state, images)
+  features = steps.encoder_embed(MODEL)(params, state, images)
   expected, _ = _setup()[0].encoder.apply(params, state, None, images, False)
   assert features.shape == expected.shape and features.shape[0] == 4
   np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ import pytest
 
 from byol_jax.core import byol_experiment, networks
 from byol_jax.runtime import checkpointing, export
-from byol_jax.runtime import reference_checkpoint as rc
+from byol_jax.runtime import reference_checkpoint as rc, reference_pickle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'reference_pretrain_tiny.pkl')
@@ -285,17 +285,17 @@ def test_convert_tree_refuses_unknown_modules_and_two_encoders():
 
 def test_golden_safe_load():
   _require(GOLDEN)
-  data = rc.safe_load(GOLDEN)
+  data = reference_pickle.safe_load(GOLDEN)
   assert sorted(data) == ['experiment_state', 'rng', 'step']
   assert data['step'] == 6
   np.testing.assert_array_equal(data['rng'], np.asarray(jax.random.PRNGKey(6)))
   state = data['experiment_state']
-  assert isinstance(state, rc.ByolExperimentState)
-  assert [type(s) for s in state.opt_state] == [rc.AddWeightDecayState, rc.ScaleByLarsState,
-                                                rc.OptaxEmptyState]
+  assert isinstance(state, reference_pickle.ByolExperimentState)
+  assert [type(s) for s in state.opt_state] == [reference_pickle.AddWeightDecayState, reference_pickle.ScaleByLarsState,
+                                                reference_pickle.OptaxEmptyState]
   assert 'tiny_res_net/~/block_group_0/~/block_0/~/conv_0' in state.online_params
   with open(GOLDEN, 'rb') as f:  # A file object works too.
-    assert rc.safe_load(f)['step'] == 6
+    assert reference_pickle.safe_load(f)['step'] == 6
 
 
 def test_golden_matches_the_tiny_resnet_network(tiny_config, tiny_experiment):
@@ -363,7 +363,7 @@ def test_haiku_containers_and_empty_bytes():
   old_flat_mapping = _New(_Class('haiku._src.data_structures', 'FlatMapping', namedtuple=False), (),
                           {'_leaves': leaves, '_structure': (('a', (('w',),)), ('b',)),
                            '_index': {}})
-  data = rc.safe_load(io.BytesIO(_dumps(dict(
+  data = reference_pickle.safe_load(io.BytesIO(_dumps(dict(
       old=old_flat_mapping, new=_flat_mapping({'m': {'w': leaves[0]}}),
       frozen=_frozendict({'m': _frozendict({'b': 1})}), empty=b''), dill_style=True)))
   assert type(data['old']) is dict and type(data['frozen']['m']) is dict
@@ -371,7 +371,7 @@ def test_haiku_containers_and_empty_bytes():
   assert data['old']['b'].shape == (0,)
   np.testing.assert_array_equal(data['new']['m']['w'], leaves[0])
   assert data['frozen'] == {'m': {'b': 1}} and data['empty'] == b''
-  assert rc.safe_load(io.BytesIO(pickle.dumps(b'', protocol=2))) == b''  # builtins.bytes()
+  assert reference_pickle.safe_load(io.BytesIO(pickle.dumps(b'', protocol=2))) == b''  # builtins.bytes()
 
 
 def test_old_numpy_names_load():
@@ -379,7 +379,7 @@ def test_old_numpy_names_load():
   data = pickle.dumps(dict(a=array, s=np.float32(2.5), i=np.int64(7)), protocol=2)
   assert b'numpy._core.multiarray' in data
   old = data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
-  loaded = rc.safe_load(io.BytesIO(old))
+  loaded = reference_pickle.safe_load(io.BytesIO(old))
   np.testing.assert_array_equal(loaded['a'], array)
   assert loaded['s'] == np.float32(2.5) and loaded['s'].dtype == np.float32
   assert loaded['i'] == 7
@@ -433,7 +433,7 @@ def test_malicious_pickles_are_refused(tmp_path, protocol):
 def test_allowed_names_cannot_be_misused():
   def refused(data, match):
     with pytest.raises(rc.ReferenceCheckpointError, match=match):
-      rc.safe_load(io.BytesIO(data))
+      reference_pickle.safe_load(io.BytesIO(data))
 
   # Only latin-1 text through _codecs.encode (protocol 2's bytes).
   refused(_dumps(_Call(_Global('_codecs', 'encode'), ('x', 'rot13'))), '_codecs.encode')
@@ -453,9 +453,9 @@ def test_allowed_names_cannot_be_misused():
             + pickle.dumps((None, {'_fields': ('x',), '__doc__': 'x'}), protocol=2)[2:-1]
             + pickle.BUILD + pickle.STOP)
     with pytest.raises(rc.ReferenceCheckpointError):
-      rc.safe_load(io.BytesIO(data))
-  assert rc.ScaleByLarsState._fields == ('mu',)
-  assert rc.safe_load(io.BytesIO(pickle.dumps(b'ab', protocol=2))) == b'ab'
+      reference_pickle.safe_load(io.BytesIO(data))
+  assert reference_pickle.ScaleByLarsState._fields == ('mu',)
+  assert reference_pickle.safe_load(io.BytesIO(pickle.dumps(b'ab', protocol=2))) == b'ab'
 
 
 def test_truncated_and_wrong_files(tmp_path, synthetic):
@@ -466,10 +466,10 @@ def test_truncated_and_wrong_files(tmp_path, synthetic):
     path.write_bytes(content)
     with pytest.raises(rc.ReferenceCheckpointError,
                        match='is not a readable reference checkpoint') as error:
-      rc.safe_load(path)
+      reference_pickle.safe_load(path)
     assert '\n' not in str(error.value) and name in str(error.value)
   with pytest.raises(FileNotFoundError, match='No reference checkpoint at'):
-    rc.safe_load(tmp_path / 'absent.pkl')
+    reference_pickle.safe_load(tmp_path / 'absent.pkl')
 
   def load(obj):
     path = tmp_path / 'wrong.pkl'
@@ -540,7 +540,7 @@ def test_cli_writes_a_resumable_workdir(tmp_path, tiny_config, tiny_experiment):
 
   # Restored as main_loop / export / evaluation restore it: same leaves as the conversion.
   step, state, saved_config = checkpointing.restore_state(
-      str(workdir), checkpointing.train_state_target(tiny_config))
+      str(workdir), checkpointing.train_state_target(byol_experiment.state_shapes(tiny_config)))
   assert step == 6 and int(state.step) == 6
   assert checkpointing.config_differences(saved_config,
                                           checkpointing.config_to_dict(tiny_config)) == []

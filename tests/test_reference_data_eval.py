@@ -28,7 +28,7 @@ import pytest
 import tensorflow as tf
 
 from byol_jax.data import augmentations
-from byol_jax.evaluation import eval_experiment
+from byol_jax.evaluation import drivers, steps
 from byol_jax.core import networks
 from byol_jax.runtime import parallel
 
@@ -179,7 +179,7 @@ def _experiment(freeze_backbone):
                        freeze_backbone=freeze_backbone))
   assert config.optimizer.base_lr == 0.2 and config.optimizer.nesterov
   assert not config.cross_replica_bn  # The reference's per-device BatchNorm.
-  return eval_experiment.EvalExperiment(config, TINY_RESNET, train_examples=1)
+  return steps.EvalExperiment(config, TINY_RESNET, train_examples=1)
 
 
 def _run(data, freeze_backbone, devices):

@@ -14,6 +14,10 @@ Saves are asynchronous: the arrays are copied to host memory before `save` retur
 next, buffer-donating step cannot change them) and written by a background thread while
 training continues. Every process calls `save`; Orbax writes replicated arrays once and
 synchronises the processes.
+
+Longer than ~400 lines because the Checkpointer's save, restore and corrupt-checkpoint fallback
+share its state and its multi-process agreement helpers; the config comparison and the
+StopSignals / SaveSchedule classes at the end could move to a module of their own.
 """
 
 import datetime
