@@ -16,6 +16,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+from helpers import set_overrides  # tests/helpers.py
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import byol  # configs/byol.py (conftest puts configs/ on the path).
@@ -37,12 +39,7 @@ def tiny_config(**overrides):
     config.batch_size = 8
     config.max_steps = 20
     config.final_knn.enabled = False
-    for key, value in overrides.items():
-      target = config
-      *parents, leaf = key.split('.')
-      for parent in parents:
-        target = target[parent]
-      target[leaf] = value
+    set_overrides(config, overrides)
   return config
 
 

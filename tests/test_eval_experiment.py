@@ -221,16 +221,9 @@ def _fill(shapes, seed):
 
 def _tiny_byol():
   """A ByolExperiment on the tiny encoder at 8 px and random online (params, state)."""
-  import byol  # configs/byol.py. pylint: disable=g-import-not-at-top
   from byol_jax.core import byol_experiment  # pylint: disable=g-import-not-at-top
-  config = byol.get_config('demo')
-  with config.unlocked():
-    config.model.encoder = 'tiny'
-    config.model.width = 1.0
-    config.model.projector_hidden_size = config.model.predictor_hidden_size = 16
-    config.model.projection_size = 8
-    config.num_classes = 7
-    config.image_size = SIZE
+  from helpers import tiny_demo_config  # tests/helpers.py  pylint: disable=g-import-not-at-top
+  config = tiny_demo_config(SIZE, num_classes=7)
   experiment = byol_experiment.ByolExperiment(config, train_examples=64)
   shapes = jax.eval_shape(lambda x: experiment.net.init(jax.random.PRNGKey(0), x, True),
                           jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), np.float32))

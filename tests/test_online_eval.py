@@ -7,6 +7,7 @@ the log says so), 4 steps, an evaluation every 2 steps and at the end.
 import json
 
 import byol  # configs/byol.py (tests/conftest.py puts configs/ on the path).
+from helpers import tiny_demo_config  # tests/helpers.py
 import pytest
 
 from byol_jax import main_loop
@@ -14,14 +15,8 @@ from byol_jax import main_loop
 
 @pytest.mark.slow
 def test_pretraining_evaluates_the_online_classifier(tmp_path, capsys):
-  config = byol.get_config('demo')
+  config = tiny_demo_config(8, batch_size=16)
   with config.unlocked():
-    config.model.encoder = 'tiny'
-    config.model.width = 1.0
-    config.model.projector_hidden_size = config.model.predictor_hidden_size = 16
-    config.model.projection_size = 8
-    config.image_size = 8
-    config.batch_size = 16
     config.max_steps = 4
     config.log_every_steps = 2
     config.checkpoint_every_secs = 0

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import set_overrides  # tests/helpers.py
+
 from byol_jax.core import byol_experiment, networks
 from byol_jax.runtime import checkpointing, export
 from byol_jax.runtime import reference_checkpoint as rc, reference_pickle
@@ -59,12 +61,7 @@ def _demo_config(**overrides):
   spec.loader.exec_module(module)
   config = module.get_config('demo')
   with config.unlocked():
-    for key, value in overrides.items():
-      *parents, leaf = key.split('.')
-      node = config
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
+    set_overrides(config, overrides)
   return config
 
 

@@ -32,14 +32,7 @@ from byol_jax.evaluation import drivers, steps
 from byol_jax.core import networks
 from byol_jax.runtime import parallel
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
-
-
-def golden(name):
-  path = os.path.join(GOLDEN, name)
-  if not os.path.exists(path):
-    pytest.skip(f'{path} is missing: run tests/golden/generate.py --reference=PATH')
-  return np.load(path)
+from helpers import golden  # tests/helpers.py
 
 
 # ------------------------------------------------------------------------------------------

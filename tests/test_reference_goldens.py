@@ -27,14 +27,7 @@ import pytest
 from byol_jax.core import byol_experiment, networks, schedules
 from byol_jax.runtime import parallel, reference_checkpoint
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
-
-
-def _golden(name):
-  path = os.path.join(GOLDEN, name)
-  if not os.path.exists(path):
-    pytest.skip(f'{path} is missing: run tests/golden/generate.py --reference=PATH')
-  return np.load(path)
+from helpers import golden as _golden  # tests/helpers.py
 
 
 def _tree(data, prefix):
