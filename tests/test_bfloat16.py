@@ -9,6 +9,7 @@ import byol  # configs/byol.py (tests/conftest.py puts configs/ on the path).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from byol_jax.core import byol_experiment
 from byol_jax.runtime import parallel
@@ -38,6 +39,7 @@ def _batch(config):
               labels=rng.integers(0, config.num_classes, config.batch_size).astype(np.int32))
 
 
+@pytest.mark.slow
 def test_bfloat16_step_trains_with_float32_params():
   config = _config('bfloat16')
   experiment = byol_experiment.ByolExperiment(config, train_examples=1_000)

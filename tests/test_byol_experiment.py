@@ -70,6 +70,7 @@ def test_online_and_target_start_from_different_keys(setup):
   assert not np.allclose(w_online, w_target)
 
 
+@pytest.mark.slow
 def test_step_loss_is_the_symmetric_sum(setup):
   config, experiment, state = setup
   batch = _batch()
@@ -87,6 +88,7 @@ def test_step_loss_is_the_symmetric_sum(setup):
   assert 0 < metrics['repr_loss'] <= 8.  # Each direction is in [0, 4].
 
 
+@pytest.mark.slow
 def test_target_is_an_ema_applied_after_the_update(setup):
   config, experiment, state = setup
   new_state, metrics = _run(experiment, state, _batch(), devices=1)
@@ -110,6 +112,7 @@ def test_batchnorm_statistics_are_not_averaged_into_the_target(setup):
                          state.target_state[key]['average'])
 
 
+@pytest.mark.slow
 def test_no_gradient_reaches_the_target_or_the_encoder_from_the_probe(setup):
   config, experiment, state = setup
   batch = _batch()
@@ -130,6 +133,7 @@ def test_no_gradient_reaches_the_target_or_the_encoder_from_the_probe(setup):
   assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(target_grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['lars', 'adamw'])
 def test_two_devices_give_the_one_device_update(optimizer):
   experiment = byol_experiment.ByolExperiment(_config(optimizer), train_examples=80)

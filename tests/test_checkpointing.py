@@ -140,6 +140,7 @@ def test_restore_is_exact_and_keeps_last_k(tmp_path, mesh, trained_states):
     assert json.load(f)['model']['encoder'] == 'tiny'  # The config is saved as plain JSON.
 
 
+@pytest.mark.slow
 def test_async_save_is_immune_to_the_next_donating_steps(tmp_path, mesh, trained_states):
   """The training step donates the state's buffers: an asynchronous save must have copied
   them before `save` returns, or the checkpoint would hold a later step's values."""
@@ -411,6 +412,7 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigterm_then_resume_equals_uninterrupted_run(tmp_path, uninterrupted):
   """One run, interrupted twice (4 processes in all, to keep the test short):
 

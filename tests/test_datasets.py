@@ -130,6 +130,7 @@ def test_train_on_validation_trains_on_every_labelled_example(uniform_folder):
       np.bincount(np.concatenate([b['labels'] for b in batches])), [8, 8, 8])
 
 
+@pytest.mark.slow
 def test_folder_pretraining_batches_are_a_pure_function_of_seed_and_step(uniform_folder):
   config = make_config(f'folder:{uniform_folder}')
   first = take(datasets.pretrain_batches(config, process_index=0, process_count=1), 4)
@@ -312,6 +313,7 @@ def test_tfds_cifar10_in_memory_with_mock_data(forget_mock_data):
   assert [b['mask'].sum() for b in evaluated] == [3, 1]
 
 
+@pytest.mark.slow
 def test_tfds_streamed_dataset_with_mock_data(forget_mock_data):
   # imagenet2012 is read from TFDS files, never held in memory; mock images vary in size.
   tfds = pytest.importorskip('tensorflow_datasets')

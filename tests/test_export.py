@@ -47,6 +47,7 @@ def live_and_loaded_features(experiment, state, loaded, images):
   return np.asarray(live), np.asarray(features)
 
 
+@pytest.mark.slow
 def test_export_round_trip_gives_the_live_features(tmp_path, run):
   workdir, experiment, state = run
   out = str(tmp_path / 'encoder.safetensors')
@@ -90,6 +91,7 @@ def read_safetensors_by_hand(path):
   return header.get('__metadata__'), arrays
 
 
+@pytest.mark.slow
 def test_export_file_is_safetensors_with_its_metadata_in_the_header(tmp_path, run):
   workdir, _, state = run
   out = str(tmp_path / 'encoder.safetensors')
@@ -118,6 +120,7 @@ def write_version2_npz(path, params, state, meta):
     np.savez(f, **arrays)
 
 
+@pytest.mark.slow
 def test_version2_npz_exports_still_load_and_version1_is_refused(tmp_path, run):
   workdir, experiment, state = run
   params, bn_state, meta = export.read_checkpoint_encoder(workdir)
@@ -140,6 +143,7 @@ def test_version2_npz_exports_still_load_and_version1_is_refused(tmp_path, run):
     export.load_metadata(mixed)
 
 
+@pytest.mark.slow
 def test_load_encoder_reads_a_workdir_directly(run):
   workdir, experiment, state = run
   images = np.random.default_rng(2).random((3, 8, 8, 3), np.float32)
@@ -148,6 +152,7 @@ def test_load_encoder_reads_a_workdir_directly(run):
   np.testing.assert_array_equal(features, live)
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path, run):
   with pytest.raises(FileNotFoundError):
     export.load_encoder(str(tmp_path / 'missing.safetensors'))
@@ -185,6 +190,7 @@ def test_bad_inputs(tmp_path, run):
   assert not list(tmp_path.glob('*.safetensors.tmp-*'))
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, run):
   workdir, _, _ = run
   out = tmp_path / 'sub' / 'encoder.safetensors'

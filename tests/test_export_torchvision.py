@@ -131,6 +131,7 @@ def test_constants_match_the_encoder():
   assert torchvision_resnet.TORCHVISION_FORMAT_VERSION == export.TORCHVISION_FORMAT_VERSION
 
 
+@pytest.mark.slow
 def test_resnet50_loads_strictly_into_stock_torchvision(resnet50, capsys):
   encoder, path, meta = resnet50
   assert meta['torchvision']['stock'] == 'resnet50'
@@ -225,6 +226,7 @@ def test_same_padding_conv_and_pool_equal_tf_same(kernel, stride):
     np.testing.assert_array_equal(pooled, expected_pool)
 
 
+@pytest.mark.slow
 def test_widths_and_stems_build_the_same_shapes():
   """Shapes only (no forward): BYOL's 2x is not torchvision's wide_resnet50_2, and every
   architecture torchvision can hold gets a module whose state dict matches the export's."""

@@ -200,6 +200,7 @@ full_only = pytest.mark.skipif(not FULL, reason='set BYOL_MULTIHOST_FULL=1 to ru
 
 # 2 devices per process: reductions both within and across processes. 1 per process (the
 # usual one-process-per-GPU layout) is the same code path.
+@pytest.mark.slow
 @pytest.mark.parametrize('devices_per_process', [2, pytest.param(1, marks=full_only)])
 def test_two_processes_match_one_process(tmp_path, devices_per_process):
   address = f'127.0.0.1:{free_port()}'
@@ -267,6 +268,7 @@ def test_main_loop_two_processes(tmp_path):
 
 # --------------------------------------------------------------- bad input (no processes).
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_fast(tmp_path):
   """Process 1 with no process 0 anywhere: a one-line error in seconds, not a hang/abort."""
   address = f'127.0.0.1:{free_port()}'  # Nothing listens there.
@@ -326,6 +328,7 @@ def test_when_to_initialize():
       'h:1', 2, 1)
 
 
+@pytest.mark.slow
 def test_slurm_environment_is_detected(tmp_path):
   """Two `srun` tasks, simulated: no flags at all, JAX reads the SLURM variables."""
   port = free_port()
@@ -362,6 +365,7 @@ def test_replicate_leaves_the_callers_tree_intact():
     np.testing.assert_array_equal(np.asarray(state[key]), expected[key] * 2 + 1)
 
 
+@pytest.mark.slow
 def test_uneven_devices_are_an_error_naming_the_values(tmp_path):
   """One process with 1 device, the other with 2: both stop with the counts in the message."""
   address = f'127.0.0.1:{free_port()}'

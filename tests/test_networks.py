@@ -104,6 +104,7 @@ def test_stems(cifar_stem, image_size, expected_first_map):
   assert shapes['block'][1] == expected_first_map
 
 
+@pytest.mark.slow
 def test_resnet_v2_and_widths_build():
   # ResNet-50 v2 by shape inference only (compiling it would dominate the suite's time).
   params, _ = _init_shapes(_model('resnet50', 1, v2=True))

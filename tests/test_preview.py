@@ -3,10 +3,12 @@
 import byol  # configs/byol.py (tests/conftest.py puts configs/ on the path).
 import numpy as np
 from PIL import Image
+import pytest
 
 from byol_jax import preview
 
 
+@pytest.mark.slow
 def test_preview_writes_original_and_two_views_per_image(tmp_path):
   rng = np.random.default_rng(0)
   for name in ('a', 'b'):

@@ -524,6 +524,7 @@ def test_config_mismatches_are_one_line(synthetic, tmp_path):
 # The command line: reference pickle -> workdir -> restore / export.
 
 
+@pytest.mark.slow
 def test_cli_writes_a_resumable_workdir(tmp_path, tiny_config, tiny_experiment):
   _require(GOLDEN)
   workdir = tmp_path / 'work'

@@ -247,6 +247,7 @@ def test_linear_eval_updates_equal_the_references(devices):
   _assert_close(state.encoder_state, _tree(data, 'backbone_state'), 0, 'frozen state')
 
 
+@pytest.mark.slow
 def test_fine_tuning_updates_equal_the_references():
   """Backbone trained, BatchNorm in training mode per device, on the generator's one device."""
   data = _linear_eval_golden()

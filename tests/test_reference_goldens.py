@@ -95,6 +95,7 @@ def tiny():
   return data, experiment, jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_initialisation_is_the_references(tiny):
   data, _, state = tiny
   # Parameters: the same random numbers through the same initialisers, bit for bit.
@@ -105,6 +106,7 @@ def test_initialisation_is_the_references(tiny):
   _assert_trees_close(state.target_state, _tree(data, 'target_state'), 1e-5, 'target state')
 
 
+@pytest.mark.slow
 def test_forward_matches_the_reference(tiny):
   data, experiment, state = tiny
   apply = experiment.net.apply
@@ -144,6 +146,7 @@ def test_schedules_match_the_reference():
   np.testing.assert_allclose(tau, data['tau'], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_six_byol_updates_with_lars_match_the_reference():
   data = _golden('update.npz')
   experiment = byol_experiment.ByolExperiment(_tiny_config(), train_examples=80)
