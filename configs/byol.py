@@ -182,6 +182,10 @@ def get_config(preset='imagenet'):
   # of failing. A resumable checkpoint is still resumed, so this is safe to leave set across
   # preemptions; to restart a healthy run, use a new --workdir.
   config.restart_from_scratch = False
+  # One run per workdir: a lock held by a live process stops a second run at once; a lock from
+  # a dead process on this host is taken over; one from another host (a preempted VM, say) is
+  # taken over once it has not been refreshed (every save) for this long.
+  config.lock_stale_after_secs = 3600
   # kNN (k, temperature) of the online encoder on the validation split against the unaugmented
   # training split: at the end next to random-init and raw-pixel baselines (`enabled`), and
   # every `knn_every_steps` during training as a monitor (0: off; a full pass over both splits).

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from byol_jax.runtime import parallel
+from byol_jax.runtime import disk, integrity, parallel, workdir_lock
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -51,6 +51,7 @@ RESUME_MAY_DIFFER = (
     'checkpoint_every_secs',
     'keep_checkpoints',
     'restart_from_scratch',
+    'lock_stale_after_secs',
     'final_knn',
     'eval_every_steps',
     'final_eval',
@@ -212,6 +213,7 @@ class Checkpointer:
         raise CheckpointError(f'{key} must be >= 0 (0: off, or keep all), got {config[key]}.')
     _quiet_orbax()
     self._check_writable()
+    self._lock = self._take_lock()
     self._async = async_save
     self._manager = self._make_manager()
     self._pending_step = None  # Last step handed to an asynchronous save not yet awaited.
@@ -231,6 +233,23 @@ class Checkpointer:
     if not _all_processes(reason is None):  # Every process raises, none waits for the rest.
       raise CheckpointError(f'Cannot write checkpoints to {self.directory}: '
                             f'{reason or "failed on process 0"}. Choose a writable --workdir.')
+
+  def _take_lock(self):
+    """One writer per workdir: process 0 holds `workdir/.lock` while the run lives. A lock left
+    by a dead process on this host is taken over; one from another host counts as abandoned
+    once it has not been refreshed (at every save) for `lock_stale_after_secs`."""
+    lock, reason = None, None
+    if _is_primary():
+      lock = workdir_lock.WorkdirLock(
+          self.workdir, stale_after_secs=self.config.get('lock_stale_after_secs', 3600),
+          warn=_warn, override_hint='or pass --config.lock_stale_after_secs=0 if it is dead')
+      try:
+        lock.acquire()
+      except workdir_lock.WorkdirInUse as e:
+        reason = str(e)
+    if not _all_processes(reason is None):
+      raise CheckpointError(reason or 'the workdir is in use by another run (see process 0).')
+    return lock
 
   def _make_manager(self):
     keep = self.config.keep_checkpoints
@@ -265,12 +284,36 @@ class Checkpointer:
                                f'not saving it; the latest checkpoint '
                                f'(step {self.latest_step()}) is intact.')
     self._raise_if_failed()  # Reports an earlier asynchronous failure under its own step.
+    self._check_free_space(step)
+    # A digest of the arrays, stored in the step's metadata (written inside the temporary
+    # directory, so it is part of the atomic checkpoint) and verified on restore: Orbax itself
+    # restores a flipped byte silently.
+    digest = integrity.tree_digest(state)
     try:
       self._manager.save(step, force=True, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self._config_dict)))
+          state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self._config_dict)),
+                         custom_metadata={'sha256': digest})
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
     self._pending_step = step
+    if self._lock is not None:
+      self._lock.refresh()
+
+  def _check_free_space(self, step):
+    """Refuses a save, before anything is written, when the disk cannot hold another checkpoint
+    as large as the last one: old checkpoints are deleted only after a new one is complete."""
+    reason = None
+    previous = self._list_complete_steps()
+    if _is_primary() and previous:
+      try:
+        disk.check_free_space(self.directory, disk.directory_size(self.step_path(previous[-1])),
+                              f'the checkpoint of step {step}')
+      except disk.DiskFullError as e:
+        reason = str(e)
+    if not _all_processes(reason is None):
+      raise CheckpointError(f'{reason or "disk full on process 0"}; the previous checkpoint '
+                            f'(step {previous[-1]}) is intact. Free disk space and rerun the '
+                            f'same command to resume.')
 
   def wait(self):
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""
@@ -286,6 +329,9 @@ class Checkpointer:
       raise self._save_error(step, e) from e
 
   def _save_error(self, step, error):
+    self._manager.reload()  # After a failed save Orbax's own step list is stale.
+    if disk.is_disk_full(error):
+      error = disk.as_disk_full(error, self.directory)
     previous = [s for s in self._list_complete_steps() if s != step]
     kept = (f'the previous checkpoint (step {max(previous)}) is intact'
             if previous else 'no earlier checkpoint exists')
@@ -303,11 +349,14 @@ class Checkpointer:
     return sorted(int(n) for n in names if n.isdigit())
 
   def close(self):
-    """Waits for the last save, then releases Orbax's threads."""
+    """Waits for the last save, then releases Orbax's threads and the workdir lock."""
     try:
       self._raise_if_failed()
     finally:
       self._manager.close()
+      if self._lock is not None:
+        self._lock.release()
+        self._lock = None
 
   # -- restoring --------------------------------------------------------------------------------
 
@@ -363,6 +412,17 @@ class Checkpointer:
         unreadable.append(step)
         continue
       state = restored.state
+      verdict = integrity.check_against(state, self._stored_digest(step),
+                                        f'{self.step_path(step)} metadata')
+      if not _all_processes(verdict.ok):
+        _warn(f'checkpoint {self.step_path(step)} is corrupt '
+              f'({verdict.reason or "digest mismatch on another process"}); falling back to '
+              f'the previous one.')
+        unreadable.append(step)
+        continue
+      if not verdict.verified:
+        _warn(f'checkpoint {self.step_path(step)} has no digest (written by an older version): '
+              f'its arrays are not verified.')
       saved_step = int(jax.device_get(state.step))
       if saved_step != step:
         raise CheckpointError(f'The checkpoint {self.step_path(step)} holds a state of step '
@@ -377,6 +437,13 @@ class Checkpointer:
         f'{", ".join(map(str, sorted(steps)))}) can be read; not starting from scratch over an '
         f'existing run. Pass --config.restart_from_scratch=True to move them aside and start '
         f'at step 0.')
+
+  def _stored_digest(self, step) -> Optional[str]:
+    try:
+      metadata = self._manager.metadata(step)
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return (getattr(metadata, 'custom_metadata', None) or {}).get('sha256')
 
   def _set_aside_unreadable(self, steps):
     """Frees the step numbers of unreadable checkpoints (the resumed run will save them again)

@@ -1,0 +1,134 @@
+"""Fault matrix of the pretraining checkpoints: each injected fault loses nothing.
+
+The rows not covered here live in test_checkpointing.py: SIGKILL and SIGTERM then resume
+(`test_sigkill_and_sigterm_then_resume_equals_uninterrupted_run`), a truncated array file
+(`test_corrupt_latest_falls_back_with_warning`), ENOSPC in the middle of a save
+(`test_disk_full_during_save_keeps_previous_checkpoint`), a NaN state
+(`test_nan_state_is_never_saved`).
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_checkpointing import (assert_trees_equal, save_steps, tiny_config,  # pylint: disable=unused-import
+                                mesh, trained_states)
+from byol_jax.runtime import checkpointing, disk
+
+
+def _array_files(checkpoint):
+  return [f for f in glob.glob(os.path.join(checkpoint, 'state', '**', 'd', '*'), recursive=True)
+          if os.path.getsize(f) > 0]
+
+
+def test_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path, mesh,
+                                                                   trained_states, capsys):
+  _, states, initial = trained_states
+  config = tiny_config()
+  save_steps(str(tmp_path), config, states)
+  # One bit in the middle of each array-data file of the newest checkpoint (Orbax's OCDBT
+  # format keeps small arrays in the b-tree of `state/d/`, larger ones in per-process files).
+  # Where the flip lands in raw array bytes Orbax restores without complaint, values simply
+  # wrong, and only the digest can tell; where it lands in framing, the read itself fails.
+  for target in _array_files(tmp_path / 'checkpoints' / '3'):
+    with open(target, 'r+b') as f:
+      f.seek(os.path.getsize(target) // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0x10]))
+  checkpoints = checkpointing.Checkpointer(str(tmp_path), config)
+  step, restored = checkpoints.restore_or_init(initial, mesh)
+  checkpoints.close()
+  err = capsys.readouterr().err
+  assert step == 2, err
+  assert_trees_equal(restored, states[1])
+  # Named, either as corrupt (digest) or unreadable (if the flip broke the file's framing).
+  assert f'{tmp_path}/checkpoints/3' in err and 'falling back to the previous one' in err
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_at_once(tmp_path):
+  config = tiny_config()
+  first = checkpointing.Checkpointer(str(tmp_path), config)
+  try:
+    # Another process: the message names the holder on one line.
+    code = ('import sys; sys.path.insert(0, "tests"); sys.path.insert(0, "configs");'
+            'from test_checkpointing import tiny_config;'
+            'from byol_jax.runtime import checkpointing;'
+            f'checkpointing.Checkpointer({str(tmp_path)!r}, tiny_config())')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            timeout=300, check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert 'CheckpointError' in last and f'is in use by pid {os.getpid()}' in last, last
+  finally:
+    first.close()
+  assert not os.path.exists(tmp_path / '.lock')  # Released on close.
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block_a_resume(tmp_path, mesh, trained_states,
+                                                               capsys):
+  _, states, initial = trained_states
+  config = tiny_config()
+  save_steps(str(tmp_path), config, states, steps=(1,))
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  with open(tmp_path / '.lock', 'w') as f:  # What a run killed with SIGKILL leaves behind.
+    json.dump(dict(pid=dead.pid, hostname=os.uname().nodename, started_at='earlier',
+                   argv=['python'], token='x'), f)
+  checkpoints = checkpointing.Checkpointer(str(tmp_path), config)
+  step, restored = checkpoints.restore_or_init(initial, mesh)
+  checkpoints.close()
+  assert step == 1
+  assert_trees_equal(restored, states[0])
+  assert str(dead.pid) in capsys.readouterr().err  # The take-over is reported.
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, mesh, trained_states,
+                                                               monkeypatch):
+  _, states, initial = trained_states
+  config = tiny_config()
+  checkpoints = checkpointing.Checkpointer(str(tmp_path), config)
+  checkpoints.save(1, states[0])
+  checkpoints.wait()
+  monkeypatch.setattr(disk, 'free_bytes', lambda directory: 1024)
+  with pytest.raises(checkpointing.CheckpointError) as error:
+    checkpoints.save(2, states[1])
+  message = str(error.value)
+  assert '\n' not in message and 'disk full' in message
+  assert 'the previous checkpoint (step 1) is intact' in message
+  checkpoints.close()
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+  checkpoints = checkpointing.Checkpointer(str(tmp_path), config)
+  step, restored = checkpoints.restore_or_init(initial, mesh)
+  checkpoints.close()
+  assert step == 1
+  assert_trees_equal(restored, states[0])
+
+
+def test_a_digest_mismatch_falls_back_and_names_the_checkpoint(tmp_path, mesh, trained_states,
+                                                               capsys, monkeypatch):
+  """The wiring of the digest check: arrays that restore but differ from what was saved (the
+  silent case of a flipped bit in raw array bytes, see test_integrity.py) are rejected."""
+  _, states, initial = trained_states
+  config = tiny_config()
+  save_steps(str(tmp_path), config, states)
+  real = checkpointing.Checkpointer._stored_digest  # pylint: disable=protected-access
+
+  def tampered(self, step):
+    digest = real(self, step)
+    return digest[:-4] + '0000' if step == 3 else digest
+  monkeypatch.setattr(checkpointing.Checkpointer, '_stored_digest', tampered)
+  checkpoints = checkpointing.Checkpointer(str(tmp_path), config)
+  step, restored = checkpoints.restore_or_init(initial, mesh)
+  checkpoints.close()
+  err = capsys.readouterr().err
+  assert step == 2
+  assert_trees_equal(restored, states[1])
+  assert f'checkpoint {tmp_path}/checkpoints/3 is corrupt (its arrays do not match' in err
+  assert 'falling back to the previous one' in err
