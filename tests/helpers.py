@@ -40,3 +40,14 @@ def tiny_demo_config(image_size, **settings):
     for key, value in settings.items():
       config[key] = value
   return config
+
+
+def short_run(config, **settings):
+  """`config` for a short pretraining run: no periodic checkpoints, no final kNN, `settings`."""
+  with config.unlocked():
+    config.checkpoint_every_secs = 0
+    config.checkpoint_every_steps = 0
+    config.final_knn.enabled = False
+    for key, value in settings.items():
+      config[key] = value
+  return config

@@ -6,7 +6,7 @@ import json
 import sys
 
 import eval as eval_configs  # configs/eval.py (tests/conftest.py puts configs/ on the path).
-from helpers import tiny_demo_config  # tests/helpers.py
+from helpers import short_run, tiny_demo_config  # tests/helpers.py
 import jax
 import numpy as np
 import pytest
@@ -20,15 +20,8 @@ SIZE = 8
 
 
 def _pretraining_config(**settings):
-  config = tiny_demo_config(SIZE, batch_size=16, **settings)
-  with config.unlocked():
-    config.max_steps = 2
-    config.log_every_steps = 1
-    config.checkpoint_every_secs = 0
-    config.checkpoint_every_steps = 0
-    config.final_knn.enabled = False
-    config.eval_every_steps = 0
-  return config
+  return short_run(tiny_demo_config(SIZE, batch_size=16, **settings), max_steps=2,
+                   log_every_steps=1, eval_every_steps=0)
 
 
 @pytest.fixture(scope='module')

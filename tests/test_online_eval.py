@@ -7,7 +7,7 @@ the log says so), 4 steps, an evaluation every 2 steps and at the end.
 import json
 
 import byol  # configs/byol.py (tests/conftest.py puts configs/ on the path).
-from helpers import tiny_demo_config  # tests/helpers.py
+from helpers import short_run, tiny_demo_config  # tests/helpers.py
 import pytest
 
 from byol_jax import main_loop
@@ -15,15 +15,8 @@ from byol_jax import main_loop
 
 @pytest.mark.slow
 def test_pretraining_evaluates_the_online_classifier(tmp_path, capsys):
-  config = tiny_demo_config(8, batch_size=16)
-  with config.unlocked():
-    config.max_steps = 4
-    config.log_every_steps = 2
-    config.checkpoint_every_secs = 0
-    config.checkpoint_every_steps = 0
-    config.final_knn.enabled = False
-    config.eval_every_steps = 2
-    config.eval_batch_size = 100
+  config = short_run(tiny_demo_config(8, batch_size=16), max_steps=4, log_every_steps=2,
+                     eval_every_steps=2, eval_batch_size=100)
   main_loop.validate_config(config)
   main_loop.train_byol(config, str(tmp_path))
 
