@@ -1,7 +1,6 @@
 """Checkpoint integrity digests (byol_jax/runtime/integrity.py)."""
 
 import gc
-import json
 import os
 
 import jax
@@ -79,28 +78,16 @@ def test_dtype_shape_and_path_are_part_of_the_digest():
           != integrity.tree_digest({'a': np.zeros(4, np.uint8), 'b': np.zeros(2, np.uint8)}))
 
 
-def test_write_read_verify(tmp_path):
+def test_check_against_a_stored_digest():
   tree = small_tree()
-  assert integrity.read_digest(str(tmp_path)) is None
-  verdict = integrity.check(tree, str(tmp_path))
-  assert verdict == (True, False, None)  # Older checkpoint: accepted, flagged unverified.
-  assert integrity.verify(tree, str(tmp_path)) is None
-  integrity.write_digest(str(tmp_path), integrity.tree_digest(tree), step=3)
-  assert os.listdir(tmp_path) == [integrity.DIGEST_FILE]  # No temporary left behind.
-  assert json.loads((tmp_path / integrity.DIGEST_FILE).read_text())['step'] == 3
-  assert integrity.check(tree, str(tmp_path)) == (True, True, None)
-  tree['params']['b'][0] = 1
-  reason = integrity.verify(tree, str(tmp_path))
-  assert reason is not None and '\n' not in reason and 'do not match the digest' in reason
-  # A digest kept elsewhere (e.g. Orbax's custom_metadata).
+  # No digest stored (an older checkpoint): accepted, flagged unverified.
   assert integrity.check_against(tree, None, 'metadata') == (True, False, None)
   assert not integrity.check_against(tree, 'garbage', 'metadata').ok
-  assert integrity.check_against(tree, integrity.tree_digest(tree), 'm') == (True, True, None)
-  assert 'do not match the digest in m ' in integrity.check_against(
-      tree, integrity.read_digest(str(tmp_path)), 'm').reason
-  (tmp_path / integrity.DIGEST_FILE).write_text('{"digest": ')
-  verdict = integrity.check(tree, str(tmp_path))
-  assert not verdict.ok and 'not a valid digest file' in verdict.reason
+  stored = integrity.tree_digest(tree)
+  assert integrity.check_against(tree, stored, 'm') == (True, True, None)
+  tree['params']['b'][0] = 1
+  reason = integrity.check_against(tree, stored, 'm').reason
+  assert reason is not None and '\n' not in reason and 'do not match the digest in m ' in reason
 
 
 def largest_file(directory):
@@ -109,15 +96,14 @@ def largest_file(directory):
 
 
 def save_checkpoint(directory, tree):
-  """Writes `tree` with the same Orbax API as checkpointing.py, plus its digest file."""
+  """Writes `tree` as checkpointing.py does: Orbax, the digest in the step's metadata."""
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False, create=True), item_names=('state',))
-  manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+  manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)),
+               custom_metadata={'sha256': integrity.tree_digest(tree)})
   manager.wait_until_finished()
   manager.close()
-  step_dir = os.path.join(directory, '1')
-  integrity.write_digest(step_dir, integrity.tree_digest(tree))
-  return step_dir
+  return os.path.join(directory, '1')
 
 
 def restore_and_verify(directory, target):
@@ -127,11 +113,12 @@ def restore_and_verify(directory, target):
   try:
     restored = manager.restore(1, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target))).state
+    stored = manager.metadata(1).custom_metadata['sha256']
   except Exception as e:  # pylint: disable=broad-except
     return f'restore failed: {type(e).__name__}'
   finally:
     manager.close()
-  reason = integrity.verify(restored, os.path.join(directory, '1'))
+  reason = integrity.check_against(restored, stored, 'metadata').reason
   return 'accepted' if reason is None else f'rejected: {reason}'
 
 
