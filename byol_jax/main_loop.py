@@ -21,7 +21,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from byol_jax.core import byol_experiment, networks
-from byol_jax.runtime import checkpointing, distributed, metrics, parallel
+from byol_jax.runtime import checkpointing, config_errors, distributed, metrics, parallel
 from byol_jax.evaluation import drivers, steps
 
 
@@ -191,4 +191,4 @@ if __name__ == '__main__':
   from byol_jax.runtime import xla_cpu_flags  # Faster CPU convolutions; set before JAX starts.
   xla_cpu_flags.configure()
   _define_flags()
-  app.run(main)
+  config_errors.run(main)  # app.run, with one line for a bad --config. key.

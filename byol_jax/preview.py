@@ -69,4 +69,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from byol_jax.runtime import config_errors  # One line for a bad --config. key.
+  config_errors.run(main)

@@ -43,4 +43,5 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  from byol_jax.runtime import config_errors  # One line for a bad --config. key.
+  config_errors.run(main)
