@@ -354,7 +354,7 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
   TRAIN = train[10000:], TEST = TFDS validation. 1000 epochs at batch 4096: 312,784 steps."""
   import eval as eval_configs  # pylint: disable=g-import-not-at-top
   from byol_jax.core import byol_experiment  # pylint: disable=g-import-not-at-top
-  from byol_jax.evaluation import drivers, steps  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluation import drivers, pretrained, steps  # pylint: disable=g-import-not-at-top
   config = byol.get_config('imagenet')
   assert config.data.train_on_validation
   sizes = {split: datasets.num_examples(config, split)
@@ -368,7 +368,8 @@ def test_imagenet_preset_pretrains_on_every_training_image(imagenet_metadata):
   assert byol_experiment.total_steps(config, sizes['train']) == 312_784
   assert byol_experiment.warmup_steps(config, sizes['train']) == 3_127  # 10 epochs.
   # Linear evaluation trains on the same images: 80 epochs at batch 4096.
-  eval_config = eval_configs.get_config('imagenet')
+  eval_config = pretrained.resolve(eval_configs.get_config(), config.to_dict())
+  assert (eval_config.batch_size, eval_config.eval_split) == (4096, 'test')
   eval_train = datasets.num_examples(eval_config, 'labelled_train')
   assert eval_train == 1_281_167
   assert steps.total_steps(eval_config, eval_train) == 25_022

@@ -24,7 +24,7 @@ def _setup(freeze_backbone=True, max_steps=60, base_lr=8.0, devices=2, cross_rep
   The frozen problem gets a large LR so that 60 steps converge (features of a random tiny
   encoder are small).
   """
-  config = eval_configs.get_config('demo').copy_and_resolve_references()
+  config = eval_configs.get_config().copy_and_resolve_references()
   config.unlock()
   config.update(dict(num_classes=NUM_CLASSES, image_size=SIZE, batch_size=BATCH,
                      max_steps=max_steps, freeze_backbone=freeze_backbone,
@@ -187,17 +187,22 @@ def test_balanced_subset_is_balanced_and_reproducible():
 
 
 @pytest.mark.parametrize('preset, protocol, frozen, fraction', [
-    ('imagenet', 'linear', True, 1.0),
-    ('demo,knn', 'knn', True, 1.0),
-    ('cifar10,finetune', 'linear', False, 1.0),
-    ('imagenet,1pct', 'linear', False, 0.01),
+    ('', 'linear', True, 1.0),
+    ('knn', 'knn', True, 1.0),
+    ('finetune', 'linear', False, 1.0),
+    ('1pct', 'linear', False, 0.01),
+    ('knn,10pct', 'knn', False, 0.1),
 ])
 def test_presets(preset, protocol, frozen, fraction):
   config = eval_configs.get_config(preset)
   assert (config.protocol, config.freeze_backbone, config.labelled_fraction) == (
       protocol, frozen, fraction)
+  # No data description of its own: it comes from the checkpoint.
+  assert config.dataset is None and config.image_size is None and config.num_classes is None
   with pytest.raises(ValueError, match='Unknown preset'):
-    eval_configs.get_config('demo,cifar10')
+    eval_configs.get_config('knn,linear')
+  with pytest.raises(ValueError, match='no dataset presets'):
+    eval_configs.get_config('demo,knn')
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,10 +285,12 @@ def test_eval_steps_import_no_tensorflow():
 
 
 def test_eval_config_refuses_to_score_training_images(tmp_path):
-  config = eval_configs.get_config('imagenet')
+  config = eval_configs.get_config()
   config.checkpoint = str(tmp_path)
+  drivers.validate_config(config)  # Unset data settings (from the checkpoint) pass.
+  config.data.train_on_validation = True  # configs/byol.py:imagenet (TRAIN_AND_VALID).
   drivers.validate_config(config)
-  config.eval_split = 'validation'  # The imagenet preset trains on it (TRAIN_AND_VALID).
+  config.eval_split = 'validation'
   with pytest.raises(ValueError, match='train_on_validation'):
     drivers.validate_config(config)
   config.data.train_on_validation = False

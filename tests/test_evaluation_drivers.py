@@ -6,7 +6,7 @@ import json
 import sys
 
 import eval as eval_configs  # configs/eval.py (tests/conftest.py puts configs/ on the path).
-from helpers import short_run, tiny_demo_config  # tests/helpers.py
+from helpers import set_overrides, short_run, tiny_demo_config  # tests/helpers.py
 import jax
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from byol_jax import main_loop
 from byol_jax.core import byol_experiment
 from byol_jax.evaluation import drivers
+from byol_jax.evaluation import pretrained as pretrained_module
 from byol_jax.runtime import xla_cpu_flags
 
 SIZE = 8
@@ -35,12 +36,11 @@ def pretrained(tmp_path_factory):
 
 
 def _eval_config(preset, checkpoint, **settings):
+  """configs/eval.py[:preset] on `checkpoint`, `settings` (dotted keys) set explicitly."""
   config = eval_configs.get_config(preset)
   with config.unlocked():
     config.checkpoint = checkpoint
-    config.image_size = SIZE
-    for key, value in settings.items():
-      config[key] = value
+    set_overrides(config, settings)
   return config
 
 
@@ -58,8 +58,13 @@ class _Flags:
 
 @pytest.mark.slow
 def test_linear_evaluation_through_main_loop(pretrained, tmp_path, monkeypatch):
-  config = _eval_config('demo', pretrained, max_steps=3, batch_size=32)
+  config = _eval_config('', pretrained, max_steps=3)
   result = _run_main(config, tmp_path, monkeypatch)
+  # The data description is the pretraining run's (tiny_demo_config: digits at 8 px, 297
+  # held out and left out of training); the batch the run's 16, raised to 128.
+  assert (result['dataset'], result['image_size'], result['num_classes']) == ('digits', SIZE, 10)
+  assert (result['eval_split'], result['eval_examples']) == ('validation', 297)
+  assert not result['train_on_validation'] and result['batch_size'] == 128
   assert result['protocol'] == drivers.protocol_name(config)
   assert result['steps'] == 3 and result['checkpoint_step'] == 2
   assert 0.0 <= result['top1'] <= result['top5'] <= 1.0
@@ -70,16 +75,18 @@ def test_linear_evaluation_through_main_loop(pretrained, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_knn_evaluation_through_main_loop(pretrained, tmp_path, monkeypatch):
-  config = _eval_config('demo,knn', pretrained)
+  config = _eval_config('knn', pretrained)
   result = _run_main(config, tmp_path, monkeypatch)
-  assert result['k'] == config.knn.k and 0.0 <= result['top1'] <= result['top5'] <= 1.0
-  assert result['checkpoint_step'] == 2
+  assert result['k'] == 20  # The run's final_knn.k (configs/byol.py:demo).
+  assert 0.0 <= result['top1'] <= result['top5'] <= 1.0
+  assert result['checkpoint_step'] == 2 and result['eval_examples'] == 297
 
 
 @pytest.mark.slow
 def test_train_classifier_learns_on_the_digits(pretrained, tmp_path):
-  config = _eval_config('demo', pretrained, max_steps=4, batch_size=32)
-  model_config, params, bn_state, _ = drivers.load_pretrained(pretrained)
+  model_config, params, bn_state, meta = drivers.load_pretrained(pretrained)
+  config = pretrained_module.resolve(_eval_config('', pretrained, max_steps=4, batch_size=32),
+                                     pretrained_module.describe(pretrained, meta))
   result = drivers.train_classifier(config, model_config, params, bn_state, str(tmp_path))
   assert result['steps'] == 4 and result['count'] > 0
   assert 0.0 <= result['top1'] <= 1.0 and np.isfinite(result['loss'])
@@ -121,7 +128,7 @@ def test_bad_crop_sampler_gives_one_clear_line():
 
 
 def test_bad_eval_values_give_one_clear_line(tmp_path):
-  config = _eval_config('demo,knn', str(tmp_path))
+  config = _eval_config('knn', str(tmp_path))
   with config.unlocked():
     config.knn.k = 0
   with pytest.raises(ValueError, match='knn.k') as error:
@@ -163,3 +170,79 @@ def test_xla_cpu_flags_in_a_fresh_process():
   out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
                        text=True, timeout=300).stdout
   assert out.strip().splitlines()[-1] == '1'
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation from the checkpoint alone: the data description is the pretraining run's.
+
+
+@pytest.mark.slow
+def test_knn_from_the_checkpoint_alone_on_the_command_line(pretrained, tmp_path):
+  """Only --config.checkpoint and --workdir: dataset, image size, classes and hold-out come
+  from the checkpoint's stored config."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-m', 'byol_jax.main_loop', '--config=configs/eval.py:knn',
+                  f'--config.checkpoint={pretrained}', f'--workdir={tmp_path}'],
+                 check=True, cwd=repo, capture_output=True, timeout=600)
+  result = json.loads((tmp_path / 'eval_results.json').read_text())
+  assert (result['dataset'], result['image_size'], result['num_classes']) == ('digits', SIZE, 10)
+  assert (result['eval_split'], result['eval_examples'], result['k']) == ('validation', 297, 20)
+
+
+@pytest.mark.slow
+def test_explicit_settings_win_over_the_checkpoint(pretrained, tmp_path, monkeypatch, capsys):
+  config = _eval_config('knn', pretrained, image_size=12, **{'knn.k': 5})
+  result = _run_main(config, tmp_path, monkeypatch)
+  assert (result['image_size'], result['k'], result['dataset']) == (12, 5, 'digits')
+  assert 'pretrained at 8 px and is evaluated at 12 px' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('settings, message', [
+    (dict(dataset='folder:/nonexistent/images'), '/nonexistent/images'),
+    (dict(dataset='imagenett'), 'imagenett'),
+    (dict(num_classes=5), 'num_classes=5'),  # The digits have 10 classes.
+])
+def test_a_bad_override_is_one_line(pretrained, tmp_path, monkeypatch, settings, message):
+  config = _eval_config('knn', pretrained, **settings)
+  with pytest.raises(SystemExit) as stop:
+    _run_main(config, tmp_path, monkeypatch)
+  text = str(stop.value.code)
+  assert text.startswith('error: ') and message in text and '\n' not in text, text
+
+
+@pytest.mark.slow
+def test_knn_from_an_export_file(pretrained, tmp_path, monkeypatch):
+  """An export stores dataset, image_size and num_classes; the hold-out comes from the workdir
+  it names as its source."""
+  from byol_jax.runtime import export  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'encoder.safetensors')
+  export.export_encoder(pretrained, out)
+  result = _run_main(_eval_config('knn', out), tmp_path, monkeypatch)
+  assert (result['dataset'], result['image_size'], result['eval_examples']) == (
+      'digits', SIZE, 297)
+
+
+def test_an_export_without_its_workdir_needs_the_hold_out_settings():
+  run = dict(dataset='digits', image_size=SIZE, num_classes=10, config_source=None)
+  config = _eval_config('knn', '/exports/encoder.safetensors', eval_split='validation')
+  with pytest.raises(ValueError, match='data.validation_examples, data.train_on_validation') as e:
+    pretrained_module.resolve(config, run)
+  assert '\n' not in str(e.value)
+  with config.unlocked():
+    set_overrides(config, {'data.validation_examples': 297, 'data.train_on_validation': False})
+  resolved = pretrained_module.resolve(config, run)
+  assert (resolved.dataset, resolved.batch_size, resolved.knn.k, resolved.augment.flip) == (
+      'digits', pretrained_module.FALLBACKS['batch_size'], 200, True)
+
+
+def test_the_batch_size_follows_the_pretraining_run():
+  import byol  # configs/byol.py  pylint: disable=g-import-not-at-top
+  batches = {}
+  for preset in ('imagenet', 'cifar10', 'demo'):
+    config = _eval_config('', 'ckpt', eval_split='test')
+    batches[preset] = pretrained_module.resolve(
+        config, byol.get_config(preset).to_dict(), say=lambda _: None).batch_size
+  assert batches == dict(imagenet=4096, cifar10=512, demo=128)

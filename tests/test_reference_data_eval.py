@@ -166,7 +166,7 @@ TINY_RESNET = ml_collections.ConfigDict(dict(
 
 def _experiment(freeze_backbone):
   """The generator's setting: batch 8, 10 steps, base LR 0.2, 10 classes, seed 0."""
-  config = eval_configs.get_config('imagenet').copy_and_resolve_references()
+  config = eval_configs.get_config().copy_and_resolve_references()
   with config.unlocked():
     config.update(dict(num_classes=10, image_size=32, batch_size=8, max_steps=10, seed=0,
                        freeze_backbone=freeze_backbone))

@@ -11,11 +11,10 @@ import math
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
-from byol_jax.runtime import export, metrics, parallel
-from byol_jax.evaluation import knn
+from byol_jax.runtime import metrics, parallel
+from byol_jax.evaluation import knn, pretrained
 from byol_jax.evaluation.steps import EvalExperiment, PROTOCOLS, accuracy, encoder_embed
 
 
@@ -83,10 +82,12 @@ def knn_evaluate(config, embed, params, bn_state, *, test_split, k, temperature,
   `center` subtracts the bank mean first (raw pixels, which are all positive).
   """
   bank_x, bank_y = split_features(config, embed, params, bn_state, 'labelled_train')
+  pretrained.check_labels(bank_y, config.num_classes, config.dataset)
   if labelled_fraction < 1:
     keep = balanced_subset(bank_y, labelled_fraction, config.seed)
     bank_x, bank_y = bank_x[keep], bank_y[keep]
   test_x, test_y = split_features(config, embed, params, bn_state, test_split)
+  pretrained.check_labels(test_y, config.num_classes, config.dataset)
   if center:
     mean = bank_x.mean(axis=0)
     bank_x, test_x = bank_x - mean, test_x - mean
@@ -174,11 +175,7 @@ def load_pretrained(path: str):
   `path` is a pretraining workdir (its latest readable checkpoint) or an export file; meta
   holds step, dataset, image_size and the pretraining `model` config.
   """
-  if os.path.isdir(path):
-    params, state, meta = export.read_checkpoint_encoder(path)
-    return ml_collections.ConfigDict(meta['model']), params, state, meta
-  model_config, params, state = export.load_encoder(path)
-  return model_config, params, state, export.load_metadata(path)
+  return pretrained.load(path)
 
 
 def protocol_name(config) -> str:
@@ -202,15 +199,16 @@ def validate_config(config):
   if config.max_steps < 0 or (config.max_steps == 0 and config.num_epochs <= 0):
     raise ValueError(f'Training length must be positive: max_steps={config.max_steps}, '
                      f'num_epochs={config.num_epochs}.')
-  if min(config.image_size, config.num_classes, config.batch_size, config.eval_batch_size,
-         config.log_every_steps) <= 0:
+  sizes = (config.image_size, config.num_classes, config.batch_size, config.eval_batch_size,
+           config.log_every_steps)  # None: from the checkpoint (checked again once resolved).
+  if min(size for size in sizes if size is not None) <= 0:
     raise ValueError('image_size, num_classes, batch_size, eval_batch_size and '
                      'log_every_steps must be positive.')
   if config.eval_split == 'validation' and config.data.train_on_validation:
     raise ValueError('eval_split=validation with data.train_on_validation=True would score '
                      'images that training (and the kNN bank) also reads: set '
                      'data.train_on_validation=False (as the pretraining run had it).')
-  if config.knn.k <= 0 or config.knn.temperature <= 0:
+  if any(v is not None and v <= 0 for v in (config.knn.k, config.knn.temperature)):
     raise ValueError(f'knn.k ({config.knn.k}) and knn.temperature ({config.knn.temperature}) '
                      f'must be positive.')
 
@@ -240,7 +238,9 @@ def train_classifier(config, model_config, params, bn_state, workdir: str) -> di
       config, 'train', config.batch_size // jax.process_count(), indices=subset)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
   for step in range(total):
-    state, step_metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+    batch = next(batches)
+    pretrained.check_labels(batch['labels'], config.num_classes, config.dataset)
+    state, step_metrics = step_fn(state, parallel.global_batch(batch, mesh))
     if step == 0:
       writer.start(step + 1)  # Excludes compilation from images/s.
     if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
@@ -260,8 +260,14 @@ def train_classifier(config, model_config, params, bn_state, workdir: str) -> di
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Runs `config.protocol` on `config.checkpoint`; writes and returns WORKDIR/eval_results.json."""
+  """Runs `config.protocol` on `config.checkpoint`; writes and returns WORKDIR/eval_results.json.
+
+  The data settings left unset in `config` come from the pretraining run (pretrained.resolve).
+  """
   model_config, params, bn_state, meta = load_pretrained(config.checkpoint)
+  pretrained.check_encoder(model_config)
+  config = pretrained.resolve(config, pretrained.describe(config.checkpoint, meta))
+  validate_config(config)
   print(f'Evaluating the online encoder of {config.checkpoint} ({model_config.encoder} '
         f'x{model_config.width}, pretraining step {meta["step"]} on {meta["dataset"]}).',
         flush=True)
@@ -283,6 +289,8 @@ def evaluate(config, workdir: str) -> dict:
       checkpoint=os.path.abspath(config.checkpoint), checkpoint_step=int(meta['step']),
       encoder=model_config.to_dict(), pretrain_dataset=meta['dataset'],
       dataset=config.dataset, image_size=config.image_size, eval_split=config.eval_split,
+      num_classes=config.num_classes, validation_examples=config.data.validation_examples,
+      train_on_validation=bool(config.data.train_on_validation),
       eval_examples=result['count'], train_examples=result['train_examples'],
       labelled_fraction=config.labelled_fraction, seed=config.seed)
   if config.protocol == 'knn':
@@ -290,7 +298,6 @@ def evaluate(config, workdir: str) -> dict:
   else:
     record.update(steps=result['steps'], batch_size=config.batch_size,
                   base_lr=config.optimizer.base_lr,
-                  train_on_validation=bool(config.data.train_on_validation),
                   cross_replica_bn=bool(config.cross_replica_bn))
   print(f'{record["protocol"]} on {config.dataset} {config.eval_split} '
         f'({record["eval_examples"]} images): top-1 {100 * record["top1"]:.2f}%, top-5 '
