@@ -22,7 +22,8 @@ What comes from the pretraining run unless set here (the keys left unset below, 
 * `eval_split`: `test` when the dataset has one (ImageNet: the 50,000 TFDS validation images,
   the reference's test set), else `validation` (digits, image folders without a test split).
 * `batch_size`: the run's global batch size, at least 128 (ImageNet 4096 as the reference's
-  linear evaluation, CIFAR-10 512, the CPU presets 128).
+  linear evaluation, CIFAR-10 512, the CPU presets 128); 256 for an export file whose workdir
+  is gone (as are crop (0.08, 1) + flips and kNN k=200, T=0.1 then).
 * `augment.crop_scale`, `augment.flip`: the run's (ImageNet (0.08, 1) + flips, as the reference;
   the digits (0.5, 1) without flips, which change digit identity).
 * `knn.k`, `knn.temperature`: the run's `final_knn` (200 and 0.1; 20 for the digits, whose
