@@ -51,3 +51,42 @@ def short_run(config, **settings):
     for key, value in settings.items():
       config[key] = value
   return config
+
+
+def golden_tree(data, prefix):
+  """{module: {name: array}} from a golden file's `prefix::module::name` keys, with this
+  project's module names (reference_checkpoint's conversion of the encoder and the BYOL heads;
+  other modules, e.g. the linear-evaluation head `linear`, keep their name)."""
+  from byol_jax.runtime import reference_checkpoint  # pylint: disable=g-import-not-at-top
+  converted = (*reference_checkpoint.ENCODER_MODULES, *reference_checkpoint.HEAD_MODULES)
+  tree = {}
+  for key in data.files:
+    parts = key.split('::')
+    if len(parts) == 3 and parts[0] == prefix:
+      module = parts[1]
+      if module.partition('/~/')[0].split('/')[0] in converted:
+        module = reference_checkpoint.convert_module_name(module)
+      tree.setdefault(module, {})[parts[2]] = data[key]
+  assert tree, f'no {prefix}::* entries'
+  return tree
+
+
+def assert_trees_close(got, want, atol_fraction, what, scale_of=None):
+  """Same modules and names; every float tensor within `atol_fraction` of its own largest entry
+  (a single entry can nearly cancel), integer tensors exactly. `scale_of(module, name, want)`
+  may name another scale for a tensor (e.g. a zero-gradient bias: its layer's weights)."""
+  assert sorted(got) == sorted(want), what
+  for module in want:
+    assert sorted(got[module]) == sorted(want[module]), f'{what} {module}'
+    for name, expected in want[module].items():
+      actual = np.asarray(got[module][name])
+      where = f'{what} {module}/{name}'
+      assert actual.shape == expected.shape, where
+      if not np.issubdtype(expected.dtype, np.floating):
+        np.testing.assert_array_equal(actual, expected, err_msg=where)
+        continue
+      scale = max(float(np.abs(expected).max()), 1e-30)
+      if scale_of is not None:
+        scale = scale_of(module, name, want) or scale
+      np.testing.assert_allclose(actual, expected, rtol=0, atol=atol_fraction * scale,
+                                 err_msg=where)

@@ -18,7 +18,6 @@ its golden file is missing, and the linear-evaluation tests skip while the proje
 
 import math
 import os
-import re
 
 import eval as eval_configs  # configs/eval.py (conftest puts configs/ on the path).
 import jax
@@ -32,7 +31,7 @@ from byol_jax.evaluation import drivers, steps
 from byol_jax.core import networks
 from byol_jax.runtime import parallel
 
-from helpers import golden  # tests/helpers.py
+from helpers import assert_trees_close, golden, golden_tree  # tests/helpers.py
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,22 +135,6 @@ def test_flip_mirrors_the_width_axis_like_the_reference():
 # Linear evaluation and fine-tuning.
 
 
-def _project_name(module):
-  """The reference's Haiku module path -> this project's (encoder top module, block paths)."""
-  module = re.sub(r'^tiny_res_net/~/', 'encoder/', module)
-  return re.sub(r'block_group_(\d+)/~/block_(\d+)/~/', r'block_group_\1/block_\2/', module)
-
-
-def _tree(data, prefix):
-  tree = {}
-  for key in data.files:
-    parts = key.split('::')
-    if len(parts) == 3 and parts[0] == prefix:
-      tree.setdefault(_project_name(parts[1]), {})[parts[2]] = data[key]
-  assert tree, f'no {prefix}::* entries'
-  return tree
-
-
 def _linear_eval_golden():
   data = golden('linear_eval.npz')
   if 'tiny_resnet' not in networks.ENCODERS:
@@ -177,7 +160,7 @@ def _experiment(freeze_backbone):
 
 def _run(data, freeze_backbone, devices):
   experiment = _experiment(freeze_backbone)
-  state = experiment.init(_tree(data, 'backbone_params'), _tree(data, 'backbone_state'), 32)
+  state = experiment.init(golden_tree(data, 'backbone_params'), golden_tree(data, 'backbone_state'), 32)
   mesh = parallel.make_mesh(jax.devices()[:devices])
   step_fn = parallel.map_step(experiment.train_step, mesh)
   state = parallel.replicate(state, mesh)
@@ -189,22 +172,6 @@ def _run(data, freeze_backbone, devices):
   return jax.device_get(state), np.array(losses)
 
 
-def _assert_close(got, want, atol_fraction, what):
-  """Same modules and names; every tensor within atol_fraction of its own largest entry."""
-  assert sorted(got) == sorted(want), what
-  for module in want:
-    assert sorted(got[module]) == sorted(want[module]), f'{what} {module}'
-    for name, expected in want[module].items():
-      actual = np.asarray(got[module][name])
-      assert actual.shape == expected.shape, f'{what} {module}/{name}'
-      if not np.issubdtype(expected.dtype, np.floating):
-        np.testing.assert_array_equal(actual, expected, err_msg=f'{what} {module}/{name}')
-        continue
-      scale = max(float(np.abs(expected).max()), 1e-30)
-      np.testing.assert_allclose(actual, expected, rtol=0, atol=atol_fraction * scale,
-                                 err_msg=f'{what} {module}/{name}')
-
-
 def _delta(after, before):
   return {m: {n: np.asarray(v) - before[m][n] for n, v in after[m].items()} for m in after}
 
@@ -214,7 +181,7 @@ def test_linear_head_init_equals_the_references():
   initialiser on the same key, so bit for bit."""
   data = _linear_eval_golden()
   head = _experiment(True).init_head(feature_size=8)
-  want = _tree(data, 'init_classif')
+  want = golden_tree(data, 'init_classif')
   assert sorted(head) == sorted(want) == ['linear']
   for name in ('w', 'b'):
     np.testing.assert_array_equal(head['linear'][name], want['linear'][name])
@@ -239,12 +206,12 @@ def test_linear_eval_updates_equal_the_references(devices):
   global batch mean makes them equal)."""
   data = _linear_eval_golden()
   state, losses = _run(data, freeze_backbone=True, devices=devices)
-  init = _tree(data, 'init_classif')
-  _assert_close(_delta(state.head_params, init), _delta(_tree(data, 'classif'), init),
+  init = golden_tree(data, 'init_classif')
+  assert_trees_close(_delta(state.head_params, init), _delta(golden_tree(data, 'classif'), init),
                 UPDATE_ATOL, 'head update')
   np.testing.assert_allclose(losses, data['train_loss'], rtol=1e-5)
-  _assert_close(state.encoder_params, _tree(data, 'backbone_params'), 0, 'frozen params')
-  _assert_close(state.encoder_state, _tree(data, 'backbone_state'), 0, 'frozen state')
+  assert_trees_close(state.encoder_params, golden_tree(data, 'backbone_params'), 0, 'frozen params')
+  assert_trees_close(state.encoder_state, golden_tree(data, 'backbone_state'), 0, 'frozen state')
 
 
 @pytest.mark.slow
@@ -252,13 +219,13 @@ def test_fine_tuning_updates_equal_the_references():
   """Backbone trained, BatchNorm in training mode per device, on the generator's one device."""
   data = _linear_eval_golden()
   state, losses = _run(data, freeze_backbone=False, devices=1)
-  init = _tree(data, 'init_classif')
-  _assert_close(_delta(state.head_params, init), _delta(_tree(data, 'ft_classif'), init),
+  init = golden_tree(data, 'init_classif')
+  assert_trees_close(_delta(state.head_params, init), _delta(golden_tree(data, 'ft_classif'), init),
                 UPDATE_ATOL, 'head update')
-  backbone = _tree(data, 'backbone_params')
-  _assert_close(_delta(state.encoder_params, backbone),
-                _delta(_tree(data, 'ft_backbone_params'), backbone), UPDATE_ATOL,
+  backbone = golden_tree(data, 'backbone_params')
+  assert_trees_close(_delta(state.encoder_params, backbone),
+                _delta(golden_tree(data, 'ft_backbone_params'), backbone), UPDATE_ATOL,
                 'backbone update')
-  _assert_close(state.encoder_state, _tree(data, 'ft_backbone_state'), UPDATE_ATOL,
+  assert_trees_close(state.encoder_state, golden_tree(data, 'ft_backbone_state'), UPDATE_ATOL,
                 'backbone BatchNorm state')
   np.testing.assert_allclose(losses, data['ft_train_loss'], rtol=1e-5)

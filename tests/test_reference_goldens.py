@@ -27,18 +27,7 @@ import pytest
 from byol_jax.core import byol_experiment, networks, schedules
 from byol_jax.runtime import parallel, reference_checkpoint
 
-from helpers import golden as _golden  # tests/helpers.py
-
-
-def _tree(data, prefix):
-  """{module: {name: array}} from `prefix::module::name` keys, with this project's names."""
-  tree = {}
-  for key in data.files:
-    parts = key.split('::')
-    if len(parts) == 3 and parts[0] == prefix:
-      tree.setdefault(parts[1], {})[parts[2]] = data[key]
-  assert tree, f'no {prefix}::* entries'
-  return reference_checkpoint.convert_tree(tree)
+from helpers import assert_trees_close, golden as _golden, golden_tree as _tree  # tests/helpers.py
 
 
 # Biases of a Linear that feeds a training-mode BatchNorm: their true gradient is exactly zero
@@ -49,18 +38,10 @@ _ZERO_GRADIENT = (('projector/linear', 'b'), ('predictor/linear', 'b'))
 
 
 def _assert_trees_close(got, want, rtol, what):
-  """Same modules and names; each tensor within rtol of its own largest entry."""
-  assert sorted(got) == sorted(want), what
-  for module in want:
-    assert sorted(got[module]) == sorted(want[module]), f'{what} {module}'
-    for name, expected in want[module].items():
-      actual = np.asarray(got[module][name])
-      assert actual.shape == expected.shape, f'{what} {module}/{name}'
-      scale = max(float(np.abs(expected).max()), 1e-30)
-      if rtol and (module, name) in _ZERO_GRADIENT:
-        scale = float(np.abs(want[module]['w']).max())
-      np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale,
-                                 err_msg=f'{what} {module}/{name}')
+  """helpers.assert_trees_close, zero-gradient biases on their layer's weight scale."""
+  def scale_of(module, name, tree):
+    return float(np.abs(tree[module]['w']).max()) if (module, name) in _ZERO_GRADIENT else None
+  assert_trees_close(got, want, rtol, what, scale_of=scale_of if rtol else None)
 
 
 def _tiny_config(**optimizer):
