@@ -27,6 +27,7 @@ import pytest
 from byol_jax.core import byol_experiment, networks, schedules
 from byol_jax.runtime import parallel, reference_checkpoint
 
+from golden.inputs import update_batch  # tests/golden/inputs.py
 from helpers import assert_trees_close, golden as _golden, golden_tree as _tree  # tests/helpers.py
 
 
@@ -132,7 +133,7 @@ def test_six_byol_updates_with_lars_match_the_reference():
   data = _golden('update.npz')
   experiment = byol_experiment.ByolExperiment(_tiny_config(), train_examples=80)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  first = {name: data[f'steps::0::{name}'] for name in ('view1', 'view2', 'labels')}
+  first = update_batch(0)
   state = jax.device_get(experiment.init_from_batch(
       jax.random.PRNGKey(0), parallel.global_batch(first, mesh), mesh))
   for prefix, tree in (('init_online_params', state.online_params),
@@ -143,7 +144,7 @@ def test_six_byol_updates_with_lars_match_the_reference():
   step = parallel.map_step(experiment.train_step, mesh, donate_state=False)
   logs = {}
   for k in range(6):
-    batch = {name: data[f'steps::{k}::{name}'] for name in ('view1', 'view2', 'labels')}
+    batch = update_batch(k)
     state, metrics = step(parallel.replicate(state, mesh), parallel.global_batch(batch, mesh))
     state, metrics = jax.device_get((state, metrics))
     for ours, theirs in (('loss', 'loss'), ('repr_loss', 'repr_loss'),

@@ -116,8 +116,9 @@ Files
    momentum=0.9), lr_schedule_config=dict(base_learning_rate=2.0,
    warmup_steps=2). Initial state: `jax.pmap(_make_initial_state)` over one
    device with PRNGKey(0) and the step-0 batch as dummy input. Six steps;
-   step k (k=0..5) uses `steps::{k}::view1`, `steps::{k}::view2` [8,32,32,3]
-   U[0,1) (RandomState(100+k)), `steps::{k}::labels` int32 in [0,10) and
+   step k (k=0..5) uses `inputs.update_batch(k)` (tests/golden/inputs.py: views
+   [8,32,32,3] U[0,1) from RandomState(100+k), labels int32 in [0,10); not stored,
+   the tests rebuild them) and
    global_step=k (the rng given to the step is PRNGKey(k); unused because
    postprocess is the identity). Keys: `init_online_params::*`,
    `init_target_params::*`, `init_online_state::*`, `init_target_state::*`
@@ -559,14 +560,9 @@ def update_goldens():
   from byol.utils import augmentations  # pylint: disable=g-import-not-at-top
   from byol.utils import helpers  # pylint: disable=g-import-not-at-top
 
-  num_steps = 6
-  batches = []
-  for k in range(num_steps):
-    rs = np.random.RandomState(100 + k)
-    view1 = rs.uniform(0., 1., size=(8, 32, 32, 3)).astype(np.float32)
-    view2 = rs.uniform(0., 1., size=(8, 32, 32, 3)).astype(np.float32)
-    labels = rs.randint(0, 10, size=(8,)).astype(np.int32)
-    batches.append(dict(view1=view1, view2=view2, labels=labels))
+  import inputs  # pylint: disable=g-import-not-at-top (tests/golden/inputs.py, beside this)
+  num_steps = inputs.UPDATE_STEPS
+  batches = [inputs.update_batch(k) for k in range(num_steps)]
 
   original_postprocess = augmentations.postprocess
   augmentations.postprocess = lambda inputs, rng: inputs
@@ -580,10 +576,7 @@ def update_goldens():
     state = init_fn(rng=helpers.bcast_local_devices(jax.random.PRNGKey(0)),
                     dummy_input=add_device_axis(batches[0]))
 
-    result = {}
-    for k, b in enumerate(batches):
-      for name, v in b.items():
-        result[f'steps::{k}::{name}'] = v
+    result = {}  # The inputs are not stored: tests rebuild them with inputs.update_batch.
 
     def dump_state(prefix, s, with_mu=True):
       result.update(flatten(prefix + 'online_params', s.online_params, True))
