@@ -63,6 +63,7 @@ def validate_config(config):
     raise ValueError(f'eval_batch_size must be positive, got {config.eval_batch_size}.')
   from byol_jax.data import augmentations  # TensorFlow: the input pipeline needs it next anyway.
   augmentations.crop_sampler(config.augment)  # Raises for an unknown sampler.
+  augmentations.eval_crop_fraction(config.data)  # Raises outside (0, 1].
 
 
 def _check_finite(step: int, metrics_at_step: dict):

@@ -60,12 +60,17 @@ Data and evaluation settings shared by the presets (see `get_config` for every k
   epoch length counts them all. False (cifar10, cifar10_cpu, demo; a deliberate departure):
   the hold-out is left out (the reference's TRAIN), so kNN monitors and datasets without a
   test split are scored on unseen images.
+* `data.eval_crop_fraction` — evaluation preprocessing (kNN, the online classifier's
+  evaluation, linear evaluation from the checkpoint): the centred square of this share of the
+  short side, resized to `image_size`. 0.875 (imagenet; the reference's 224/256 rule); 1.0, the
+  whole image (cifar10, cifar10_cpu, demo; a deliberate departure, as CIFAR peers evaluate: on
+  a 32 px image the crop throws away an eighth of each side and upsamples the rest).
 * `augment.crop_sampler` — 'reference' (default): the reference's random resized crop, one
   draw clipped to the image (mean crop area ~0.51 of the image at scale [0.08, 1]);
   'torchvision': 10 tries, then a centre crop (~0.43).
 * `eval_every_steps` (0 = off), `final_eval`, `eval_batch_size` — the online classifier (the
   linear probe trained during pretraining) evaluated as the reference's eval worker does:
-  centre crops, inference-mode BatchNorm with the online state, top-1 / top-5 and mean
+  centre crops (`data.eval_crop_fraction`), inference-mode BatchNorm with the online state, top-1 / top-5 and mean
   cross-entropy on the test split, or on the validation hold-out when the dataset has none
   (digits, image folders without a test folder; the log line names the split). Logged to
   metrics.jsonl / TensorBoard as online_<split>_{top1,top5,loss}; the final one also goes to
@@ -138,6 +143,11 @@ def get_config(preset='imagenet'):
       # True (reference, TRAIN_AND_VALID): pretrain on every labelled training example, the
       # hold-out included; False (TRAIN): leave the hold-out out of pretraining.
       train_on_validation=True,
+      # Evaluation preprocessing (kNN, the online classifier's evaluation, linear evaluation):
+      # the centred square of this share of the short side, resized to image_size. 0.875 is the
+      # reference's ImageNet rule (224 of 256); the small-image presets use 1.0, the whole
+      # image, as CIFAR peers evaluate (a deliberate departure, README).
+      eval_crop_fraction=0.875,
       skip_corrupt_images=False,  # True: skip and count undecodable files instead of failing.
       shuffle_buffer=10_000,
   ))
@@ -207,6 +217,7 @@ def get_config(preset='imagenet'):
     config.image_size = 32
     config.batch_size = 512
     config.data.validation_examples = 5_000
+    config.data.eval_crop_fraction = 1.0  # Whole 32 px images, as CIFAR peers evaluate.
     config.data.train_on_validation = False
     config.model.encoder = 'resnet18'
     config.model.cifar_stem = True
@@ -225,6 +236,7 @@ def get_config(preset='imagenet'):
     # monitors and the final kNN with its two baselines.
     config.max_steps = 1_400
     config.data.validation_examples = 5_000  # The first 500 images of each class.
+    config.data.eval_crop_fraction = 1.0  # Whole 32 px images, as CIFAR peers evaluate.
     config.data.train_on_validation = False  # No test split: kNN on unseen images.
     config.augment.crop_scale = (0.2, 1.0)
     _small_cpu_budget(config)
@@ -240,6 +252,7 @@ def get_config(preset='imagenet'):
     config.batch_size = 64
     config.num_epochs = 50
     config.data.validation_examples = 297
+    config.data.eval_crop_fraction = 1.0  # Whole digits (their 8 px source, upsampled).
     config.data.train_on_validation = False  # No test split: kNN on unseen images.
     config.data.shuffle_buffer = 2_000
     config.augment.crop_scale = (0.5, 1.0)

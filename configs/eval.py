@@ -14,11 +14,14 @@ TensorBoard.
 What comes from the pretraining run unless set here (the keys left unset below, None / ''):
 
 * `dataset`, `image_size`, `num_classes`, and `data.*` (data_dir, validation_examples,
-  train_on_validation, skip_corrupt_images, shuffle_buffer): as the run had them, so that
-  `validation` is the same hold-out and the held-out images stay out of training when
-  pretraining left them out. An export file stores dataset, image_size and num_classes; the rest
-  is read from the workdir it was exported from (its `source`) when that is still readable,
-  otherwise `data.validation_examples` and `data.train_on_validation` must be given.
+  train_on_validation, eval_crop_fraction, skip_corrupt_images, shuffle_buffer): as the run had
+  them, so that `validation` is the same hold-out, the held-out images stay out of training when
+  pretraining left them out, and images are scored as the run's own kNN scored them (the
+  reference's 0.875 centre crop for imagenet and for runs that predate the setting; the whole
+  image for cifar10, cifar10_cpu and demo). An export file stores dataset, image_size and
+  num_classes; the rest is read from the workdir it was exported from (its `source`) when that
+  is still readable, otherwise `data.validation_examples` and `data.train_on_validation` must be
+  given (and `data.eval_crop_fraction` is 0.875 unless set).
 * `eval_split`: `test` when the dataset has one (ImageNet: the 50,000 TFDS validation images,
   the reference's test set), else `validation` (digits, image folders without a test split).
 * `batch_size`: the run's global batch size, at least 128 (ImageNet 4096 as the reference's
@@ -123,6 +126,9 @@ def get_config(preset=''):
       train_on_validation=config_dict.placeholder(bool),
       skip_corrupt_images=config_dict.placeholder(bool),
       shuffle_buffer=config_dict.placeholder(int),
+      # Share of the short side kept by evaluation's centre crop: 0.875 the reference's, 1.0
+      # the whole image (the small-image presets).
+      eval_crop_fraction=config_dict.placeholder(float),
   ))
   # Linear-evaluation training augmentation: random resized crop + flip, nothing else.
   config.augment = ml_collections.ConfigDict(dict(

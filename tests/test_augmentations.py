@@ -196,6 +196,45 @@ def test_centre_crop_keeps_the_middle_seven_eighths():
   np.testing.assert_allclose(batched[0], crop, atol=2e-6)
 
 
+def test_whole_image_evaluation_keeps_a_square_image_as_it_is():
+  # data.eval_crop_fraction=1.0 (the small-image presets): a 32 px image evaluated at 32 px is
+  # the image itself (bicubic weights at whole-pixel positions are exactly 1 and 0).
+  image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  whole = augmentations.center_crop(tf.constant(image), 32, fraction=1.0)
+  np.testing.assert_allclose(whole, image / 255.0, atol=1e-6)
+  batched = augmentations.center_crop_batch(tf.constant(image[None]), 32, fraction=1.0)
+  np.testing.assert_allclose(batched[0], image / 255.0, atol=1e-6)
+  # The reference's 0.875 crop keeps the middle 28 px and upsamples them: not the image.
+  cropped = augmentations.center_crop(tf.constant(image), 32)
+  assert np.abs(cropped - image / 255.0).max() > 0.1
+  # A non-square image: the whole short side, centred.
+  wide = np.zeros((16, 24, 3), np.uint8)
+  wide[:, 4:20] = image[:16, :16]
+  np.testing.assert_allclose(augmentations.center_crop(tf.constant(wide), 16, fraction=1.0),
+                             image[:16, :16] / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('fraction', [0.0, -0.5, 1.5, 'whole', None])
+def test_eval_crop_fraction_outside_0_1_is_one_clear_line(fraction):
+  data = byol.get_config('cifar10').data.copy_and_resolve_references()
+  with data.ignore_type():
+    data.eval_crop_fraction = fraction
+  with pytest.raises(ValueError, match='data.eval_crop_fraction') as error:
+    augmentations.eval_crop_fraction(data)
+  assert '\n' not in str(error.value)
+
+
+def test_eval_crop_fraction_of_the_presets():
+  fractions = {preset: augmentations.eval_crop_fraction(byol.get_config(preset).data)
+               for preset in ('imagenet', 'cifar10', 'cifar10_cpu', 'demo')}
+  # The reference's centre crop for ImageNet; whole images for the small-image presets.
+  assert fractions == dict(imagenet=0.875, cifar10=1.0, cifar10_cpu=1.0, demo=1.0)
+  # A config that predates the setting is evaluated as it was: the reference's crop.
+  old = byol.get_config('cifar10').data.to_dict()
+  del old['eval_crop_fraction']
+  assert augmentations.eval_crop_fraction(old) == augmentations.CENTER_CROP_FRACTION == 0.875
+
+
 def test_each_image_of_a_batch_gets_its_own_crop():
   same = tf.tile(colourful_images(1, 16), [8, 1, 1, 1])
   crops = augmentations.random_resized_crop_batch(same, SEED, 16).numpy()

@@ -120,6 +120,9 @@ def test_config_differences_names_keys_and_ignores_allowed_ones():
   assert 'model.width (1.0 -> 2.0)' in differences
   del current['seed']
   assert 'seed (0 -> <absent>)' in checkpointing.config_differences(saved, current)
+  # A run saved before data.eval_crop_fraction existed resumes with it (evaluation only).
+  del saved['data']['eval_crop_fraction']
+  assert checkpointing.config_differences(saved, checkpointing.config_to_dict(tiny_config())) == []
 
 
 # --- Save / restore. ---------------------------------------------------------------------------

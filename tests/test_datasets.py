@@ -200,6 +200,25 @@ def test_eval_batches_are_centre_crops_in_split_order(uniform_folder):
   np.testing.assert_array_equal(batches[0]['images'], again[0]['images'])
 
 
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_eval_batches_score_whole_images_or_the_reference_crop(tmp_path, monkeypatch, in_memory):
+  # data.eval_crop_fraction: 1.0 (cifar10 presets) gives each image as it is; 0.875 (imagenet,
+  # the reference) its upsampled centre. Both the in-memory and the file-by-file path.
+  if not in_memory:
+    monkeypatch.setattr(sources, '_IN_MEMORY_BYTES', 0)
+  rng = np.random.default_rng(4)
+  pixels = rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+  for i, name in enumerate(('ant', 'bee')):
+    (tmp_path / 'train' / name).mkdir(parents=True)
+    write_image(tmp_path / 'train' / name / '0.png', pixels[i])  # Lossless.
+  config = make_config(f'folder:{tmp_path}', validation_examples=0)
+  assert config.data.eval_crop_fraction == 1.0
+  np.testing.assert_allclose(split_images(config, 'train'), pixels / 255.0, atol=1e-6)
+  config.data.eval_crop_fraction = byol.get_config('imagenet').data.eval_crop_fraction
+  cropped = split_images(config, 'train')
+  assert cropped.shape == pixels.shape and np.abs(cropped - pixels / 255.0).max() > 0.1
+
+
 def test_linear_eval_batches_crop_and_flip_deterministically(uniform_folder):
   config = make_config(f'folder:{uniform_folder}')
   batches = take(datasets.linear_eval_batches(config, 'train', 6, process_index=0,

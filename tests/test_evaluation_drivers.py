@@ -246,3 +246,31 @@ def test_the_batch_size_follows_the_pretraining_run():
     batches[preset] = pretrained_module.resolve(
         config, byol.get_config(preset).to_dict(), say=lambda _: None).batch_size
   assert batches == dict(imagenet=4096, cifar10=512, demo=128)
+
+
+def test_evaluation_crops_as_the_pretraining_run_did():
+  """data.eval_crop_fraction comes from the run (whole images for the small-image presets, the
+  reference's 0.875 crop for imagenet and for runs that predate the setting); explicit wins."""
+  import byol  # configs/byol.py  pylint: disable=g-import-not-at-top
+
+  def resolved(run, **settings):
+    config = _eval_config('knn', 'ckpt', eval_split='test', **settings)
+    return pretrained_module.resolve(config, run, say=lambda _: None).data.eval_crop_fraction
+
+  runs = {preset: byol.get_config(preset).to_dict() for preset in ('imagenet', 'cifar10_cpu')}
+  assert (resolved(runs['imagenet']), resolved(runs['cifar10_cpu'])) == (0.875, 1.0)
+  del runs['cifar10_cpu']['data']['eval_crop_fraction']  # A run from before the setting.
+  assert resolved(runs['cifar10_cpu']) == 0.875
+  assert resolved(runs['imagenet'], **{'data.eval_crop_fraction': 1.0}) == 1.0
+
+
+def test_bad_eval_crop_fraction_gives_one_clear_line(tmp_path):
+  pretraining = _pretraining_config()
+  with pretraining.unlocked():
+    pretraining.data.eval_crop_fraction = 1.2
+  evaluation = _eval_config('knn', str(tmp_path), **{'data.eval_crop_fraction': 0.0})
+  for config, validate in ((pretraining, main_loop.validate_config),
+                           (evaluation, drivers.validate_config)):
+    with pytest.raises(ValueError, match='data.eval_crop_fraction') as error:
+      validate(config)
+    assert '\n' not in str(error.value)

@@ -291,6 +291,21 @@ def crop_sampler(augment):
   return sampler
 
 
+def eval_crop_fraction(data):
+  """`data.eval_crop_fraction`, checked: the share of the short side that evaluation keeps.
+
+  0.875 (the reference's 224/256 ImageNet rule, and what a config that predates the setting
+  gets); 1.0 scores the whole image (the short side's square, e.g. a 32 px CIFAR image as it
+  is), as CIFAR-sized peers evaluate.
+  """
+  fraction = data.get('eval_crop_fraction', CENTER_CROP_FRACTION)
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+      0 < fraction <= 1):
+    raise ValueError(f'data.eval_crop_fraction must be in (0, 1] (0.875: the reference\'s '
+                     f'centre crop; 1.0: the whole image), got {fraction!r}.')
+  return float(fraction)
+
+
 def pretraining_crop(image, seed, augment, size):
   """The geometric part of a BYOL view for one image: `augment`'s random resized crop."""
   return random_resized_crop(

@@ -318,7 +318,9 @@ def linear_eval_batches(config, split, batch_size, *, start_step=0, process_inde
 
 def eval_batches(config, split, batch_size, *, process_index=None,
                  process_count=None) -> Iterator[dict]:
-  """One deterministic pass over `split` with evaluation preprocessing (centre crop 0.875).
+  """One deterministic pass over `split` with evaluation preprocessing: the centred square of
+  `config.data.eval_crop_fraction` of the short side (the reference's 0.875; 1.0: the whole
+  image), resized to config.image_size.
 
   Yields {'images': float32 [batch_size, S, S, 3] in [0, 1], 'labels': int32, 'mask': bool}
   per process (`batch_size` is per process), in the split's own order. Every process yields
@@ -327,7 +329,7 @@ def eval_batches(config, split, batch_size, *, process_index=None,
   process_index, process_count = _process(process_index, process_count)
   examples = _split(config, split)
   shard = examples.contiguous_shard(process_index, process_count)
-  size = config.image_size
+  size, fraction = config.image_size, augmentations.eval_crop_fraction(config.data)
   num_batches = math.ceil(math.ceil(len(examples) / process_count) / batch_size)
   real = len(shard)
 
@@ -346,7 +348,8 @@ def eval_batches(config, split, batch_size, *, process_index=None,
     def read_batch(batch_index):
       positions = positions_of(batch_index)
       indices = tf.minimum(positions, real - 1)
-      batch = {'images': augmentations.center_crop_batch(tf.gather(images, indices), size),
+      batch = {'images': augmentations.center_crop_batch(tf.gather(images, indices), size,
+                                                           fraction),
                'labels': tf.gather(labels, indices)}
       return pad(batch, positions)
 
@@ -354,7 +357,8 @@ def eval_batches(config, split, batch_size, *, process_index=None,
     return _iterate(_finish(batches), shard, 0)
 
   def preprocess(image, label):
-    return {'images': augmentations.center_crop(image, size), 'labels': tf.cast(label, tf.int32)}
+    return {'images': augmentations.center_crop(image, size, fraction),
+            'labels': tf.cast(label, tf.int32)}
 
   if not real:
     images = tf.data.Dataset.from_tensors(preprocess(tf.zeros([1, 1, 3], tf.uint8), 0)).take(0)

@@ -208,6 +208,9 @@ def validate_config(config):
     raise ValueError('eval_split=validation with data.train_on_validation=True would score '
                      'images that training (and the kNN bank) also reads: set '
                      'data.train_on_validation=False (as the pretraining run had it).')
+  if config.data.eval_crop_fraction is not None:  # None: from the checkpoint.
+    from byol_jax.data import augmentations  # TensorFlow: the data is read next anyway.
+    augmentations.eval_crop_fraction(config.data)  # Raises outside (0, 1].
   if any(v is not None and v <= 0 for v in (config.knn.k, config.knn.temperature)):
     raise ValueError(f'knn.k ({config.knn.k}) and knn.temperature ({config.knn.temperature}) '
                      f'must be positive.')

@@ -15,7 +15,9 @@ from byol_jax.core import networks
 from byol_jax.runtime import checkpointing, export
 
 # Used when the run's full config is unknown (an export file whose workdir is gone).
+# A run that predates data.eval_crop_fraction was scored with the reference's 0.875 crop.
 FALLBACKS = {'data.data_dir': '', 'data.skip_corrupt_images': False,
+             'data.eval_crop_fraction': 0.875,
              'data.shuffle_buffer': 10_000, 'augment.crop_scale': (0.08, 1.0),
              'augment.flip': True, 'knn.k': 200, 'knn.temperature': 0.1, 'batch_size': 256}
 # Never guessed: they decide which images were held out of pretraining.
@@ -80,7 +82,8 @@ def resolve(config, run: dict, say=print):
   taken = {'dataset': run.get('dataset'), 'image_size': run.get('image_size'),
            'num_classes': run.get('num_classes')}
   for key in ('data.data_dir', 'data.validation_examples', 'data.train_on_validation',
-              'data.skip_corrupt_images', 'data.shuffle_buffer', 'augment.flip'):
+              'data.eval_crop_fraction', 'data.skip_corrupt_images', 'data.shuffle_buffer',
+              'augment.flip'):
     taken[key] = _get(run, key)
   crop_scale = _get(run, 'augment.crop_scale')
   taken['augment.crop_scale'] = tuple(crop_scale) if crop_scale is not None else None

@@ -57,6 +57,7 @@ RESUME_MAY_DIFFER = (
     'final_eval',
     'eval_batch_size',
     'data.data_dir',
+    'data.eval_crop_fraction',  # How evaluation crops; training never reads it.
 )
 
 
