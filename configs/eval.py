@@ -152,6 +152,16 @@ def get_config(preset=''):
   config.knn = ml_collections.ConfigDict(dict(k=config_dict.placeholder(int),
                                               temperature=config_dict.placeholder(float)))
   config.log_every_steps = 100
+  # Checkpoints of linear evaluation / fine-tuning (kNN trains nothing), as pretraining's
+  # (configs/byol.py): every N steps and/or seconds (0: off) and on SIGTERM / Ctrl-C, into
+  # WORKDIR/checkpoints; the same command resumes exactly. The last `keep_checkpoints` are kept.
+  config.checkpoint_every_steps = 0
+  config.checkpoint_every_secs = 300
+  config.keep_checkpoints = 2
+  # True: checkpoints that cannot be resumed (unreadable, another config or another pretrained
+  # encoder) are moved aside to checkpoints.old-<time> and training starts at step 0.
+  config.restart_from_scratch = False
+  config.lock_stale_after_secs = 3600  # A lock from another host not refreshed for this long.
 
   if 'knn' in names:
     config.protocol = 'knn'

@@ -13,8 +13,8 @@ import os
 import jax
 import numpy as np
 
-from byol_jax.runtime import metrics, parallel
-from byol_jax.evaluation import knn, pretrained
+from byol_jax.runtime import checkpointing, metrics, parallel
+from byol_jax.evaluation import classifier_checkpoints, knn, pretrained
 from byol_jax.evaluation.steps import EvalExperiment, PROTOCOLS, accuracy, encoder_embed
 
 
@@ -216,8 +216,10 @@ def validate_config(config):
                      f'must be positive.')
 
 
-def train_classifier(config, model_config, params, bn_state, workdir: str) -> dict:
-  """Linear evaluation or fine-tuning; returns held-out top-1/top-5 and the split sizes."""
+def train_classifier(config, model_config, params, bn_state, workdir: str):
+  """Linear evaluation or fine-tuning; returns held-out top-1/top-5 and the split sizes, or
+  None when SIGTERM / SIGINT stopped it (after saving a checkpoint the same command resumes
+  from; classifier_checkpoints.py says why the resumed run is the uninterrupted one)."""
   from byol_jax.data import datasets
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
@@ -233,23 +235,29 @@ def train_classifier(config, model_config, params, bn_state, workdir: str) -> di
         f'{config.dataset} ({train_examples} labelled training images), batch '
         f'{config.batch_size} over {mesh.devices.size} devices, {total} steps.', flush=True)
 
-  state = experiment.init(params, bn_state, config.image_size)
-  state = parallel.replicate(state, mesh)
+  config = classifier_checkpoints.checkpoint_config(config, params, bn_state)
+  classifier_checkpoints.check_same_encoder(workdir, config)
+  checkpoints = checkpointing.Checkpointer(workdir, config)
+  start_step, state = checkpoints.restore_or_init(
+      experiment.init(params, bn_state, config.image_size), mesh)
+  classifier_checkpoints.forget_logged_after(workdir, start_step)
   step_fn = parallel.map_step(experiment.train_step, mesh)
-  # Random crop + flip of the labelled split, or of the subset (positions in its read order).
+  # Random crop + flip of the labelled split, or of the subset (positions in its read order),
+  # from `start_step` on: batch k is a pure function of (seed, step, process).
   batches = datasets.linear_eval_batches(
-      config, 'train', config.batch_size // jax.process_count(), indices=subset)
+      config, 'train', config.batch_size // jax.process_count(), start_step=start_step,
+      indices=subset)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
-  for step in range(total):
-    batch = next(batches)
-    pretrained.check_labels(batch['labels'], config.num_classes, config.dataset)
-    state, step_metrics = step_fn(state, parallel.global_batch(batch, mesh))
-    if step == 0:
-      writer.start(step + 1)  # Excludes compilation from images/s.
-    if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
-      scalars = writer.write(step + 1, step_metrics, prefix='train_')
-      if not np.isfinite(scalars['loss']):
-        raise FloatingPointError(f'Loss is {scalars["loss"]} at step {step + 1}: stopping.')
+  save_schedule = checkpointing.SaveSchedule(config, sync_every=config.log_every_steps)
+  try:
+    state = _train_steps(config, step_fn, state, batches, mesh, writer, start_step, total,
+                         checkpoints, save_schedule)
+  finally:
+    save_schedule.close()  # From here a signal stops at once: the final state is saved.
+    checkpoints.close()  # Waits until the last checkpoint is on disk.
+  if state is None:
+    writer.close()
+    return None
 
   eval_fn = parallel.map_step(experiment.eval_step, mesh, donate_state=False)
   held_out = (parallel.global_batch(batch, mesh) for batch in datasets.eval_batches(
@@ -260,6 +268,32 @@ def train_classifier(config, model_config, params, bn_state, workdir: str) -> di
                prefix=f'{config.eval_split}_')
   writer.close()
   return dict(result, train_examples=train_examples, steps=total)
+
+
+def _train_steps(config, step_fn, state, batches, mesh, writer, start_step, total, checkpoints,
+                 save_schedule):
+  """Steps start_step..total of train_classifier, saving as `save_schedule` says and at the
+  end; the final state, or None when a stop signal ended the loop after its save."""
+  for step in range(start_step, total):
+    batch = next(batches)
+    pretrained.check_labels(batch['labels'], config.num_classes, config.dataset)
+    state, step_metrics = step_fn(state, parallel.global_batch(batch, mesh))
+    if step == start_step:
+      writer.start(step + 1)  # Excludes compilation from images/s.
+    if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
+      scalars = writer.write(step + 1, step_metrics, prefix='train_')
+      if not np.isfinite(scalars['loss']):
+        raise FloatingPointError(f'Loss is {scalars["loss"]} at step {step + 1}: stopping.')
+    if step + 1 < total and save_schedule.should_save(step + 1):
+      checkpoints.save(step + 1, state)  # Refuses a state holding NaN or Inf.
+      if save_schedule.stop_requested:
+        checkpoints.wait()
+        print(f'Stopped by {save_schedule.stop_reason} at step {step + 1}: checkpoint saved to '
+              f'{checkpoints.step_path(step + 1)}. Rerun the same command to resume.', flush=True)
+        return None
+  if checkpoints.latest_step() != total:
+    checkpoints.save(total, state)
+  return state
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -286,6 +320,8 @@ def evaluate(config, workdir: str) -> dict:
     writer.close()
   else:
     result = train_classifier(config, model_config, params, bn_state, workdir)
+    if result is None:  # Stopped by a signal after saving: nothing to report yet.
+      return None
   record = dict(
       protocol=protocol_name(config), top1=result['top1'], top5=result['top5'],
       eval_loss=result.get('loss'),

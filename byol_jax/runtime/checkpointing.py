@@ -58,6 +58,9 @@ RESUME_MAY_DIFFER = (
     'eval_batch_size',
     'data.data_dir',
     'data.eval_crop_fraction',  # How evaluation crops; training never reads it.
+    # Evaluation (configs/eval.py): the pretrained encoder's path; the encoder itself is
+    # identified by its digest (evaluation/classifier_checkpoints.py), which may not differ.
+    'checkpoint',
 )
 
 

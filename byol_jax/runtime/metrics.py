@@ -22,6 +22,36 @@ def _format_seconds(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+def drop_rows(workdir: str, drop, filename: str = 'metrics.jsonl') -> int:
+  """Removes the rows of `workdir/filename` for which `drop(row)` is true; returns how many.
+
+  For a resumed run: the rows logged after the checkpoint it resumes from describe steps it
+  runs (and logs) again. Process 0 only; the kept rows go to a temporary file renamed over the
+  old one, so a kill in between leaves the old file whole. A line that is not JSON (the end
+  of a line cut short by a kill) is dropped too: it is no row.
+  """
+  path = os.path.join(workdir, filename)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if not drop(row):
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if len(kept) == len(lines):
+    return 0
+  temporary = f'{path}.tmp.{os.getpid()}'
+  with open(temporary, 'w') as f:
+    f.writelines(kept)
+  os.replace(temporary, path)
+  return len(lines) - len(kept)
+
+
 class MetricWriter:
   """Writes one JSON object per log step to `workdir/metrics.jsonl` and TensorBoard events."""
 
