@@ -9,6 +9,7 @@ from absl import app, flags
 import safetensors.numpy
 
 from byol_jax.core import networks
+from byol_jax.runtime import storage
 from byol_jax.runtime.export import FORMATS, export_encoder, load_encoder
 
 
@@ -39,7 +40,8 @@ def main(argv):
       _, params, _ = load_encoder(out)  # Reads back what was written.
       count = networks.param_count(params)
     else:
-      arrays = safetensors.numpy.load_file(out)
+      with storage.local_file(out) as local:
+        arrays = safetensors.numpy.load_file(local)
       count = sum(int(v.size) for k, v in arrays.items()
                   if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
   except (ValueError, OSError) as e:  # OSError covers FileNotFoundError and a full disk.

@@ -11,8 +11,6 @@ and report representation quality with kNN when the config asks for it. `configs
 """
 
 import itertools
-import json
-import os
 import sys
 
 from absl import app, flags
@@ -21,7 +19,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from byol_jax.core import byol_experiment, networks
-from byol_jax.runtime import checkpointing, config_errors, distributed, metrics, parallel
+from byol_jax.runtime import (checkpointing, config_errors, distributed, metrics, parallel,
+                              storage)
 from byol_jax.evaluation import drivers, steps
 
 
@@ -151,16 +150,15 @@ def train_byol(config, workdir: str):
   if config.final_eval:
     result = online_eval(total)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'online_eval_results.json'), 'w') as f:
-        json.dump(dict(step=total, dataset=config.dataset, classifier='online', **result), f,
-                  indent=1)
+      storage.write_json(storage.join(workdir, 'online_eval_results.json'),
+                         dict(step=total, dataset=config.dataset, classifier='online', **result))
 
   if config.final_knn.enabled:
     results = drivers.pretraining_knn(config, experiment, state, initial_state)
     writer.write(total, {f'knn_{name}_top1': r['top1'] for name, r in results.items()})
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'knn_results.json'), 'w') as f:
-        json.dump(dict(step=total, dataset=config.dataset, **results), f, indent=1)
+      storage.write_json(storage.join(workdir, 'knn_results.json'),
+                         dict(step=total, dataset=config.dataset, **results))
   writer.close()
   return state
 

@@ -7,6 +7,9 @@ One row per image: the source image (its centre square), view 1, view 2, exactly
 `datasets.pretrain_batches` makes them for training step `--step` on process 0.
 """
 
+import io
+import os
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -15,6 +18,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from byol_jax.data import datasets
+from byol_jax.runtime import storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file[:preset].')
 _OUT = flags.DEFINE_string('out', 'preview.png', 'Where to write the PNG grid.')
@@ -56,7 +60,14 @@ def grid_image(columns, titles=COLUMNS):
 
 
 def write_preview(config, path, num_images=8, step=0):
-  grid_image(preview_rows(config, num_images, step)).save(path)
+  """Writes the grid to `path` (a local path or gs://), in the format its extension names."""
+  extension = os.path.splitext(path)[1].lower()
+  if extension not in Image.registered_extensions():
+    raise ValueError(f'{path}: unknown image file extension {extension!r} (use .png).')
+  image = io.BytesIO()
+  grid_image(preview_rows(config, num_images, step)).save(
+      image, format=Image.registered_extensions()[extension])
+  storage.write_bytes(path, image.getvalue())
 
 
 def main(argv):

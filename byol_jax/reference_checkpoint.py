@@ -2,13 +2,12 @@
 (the library is byol_jax/runtime/reference_checkpoint.py).
 """
 
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from byol_jax.runtime import checkpointing
+from byol_jax.runtime import checkpointing, storage
 from byol_jax.runtime.checkpointing import one_line
 from byol_jax.runtime.reference_checkpoint import write_workdir
 
@@ -35,7 +34,7 @@ def main(argv):
   if 0 < config.max_steps <= step:
     print(f'note: the checkpoint is at step {step} and max_steps={config.max_steps}: main_loop '
           f'has nothing left to train (export and evaluation read it as it is).', flush=True)
-  where = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step))
+  where = storage.join(workdir, checkpointing.CHECKPOINT_DIR, str(step))
   print(f'Wrote {pkl} (reference step {step}) to {where}. Resume with python -m '
         f'byol_jax.main_loop and the same --config and overrides; export with python -m '
         f'byol_jax.export --workdir={workdir} --out=encoder.npz.', flush=True)

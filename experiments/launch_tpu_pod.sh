@@ -2,7 +2,7 @@
 # BYOL on a Cloud TPU pod slice (e.g. v4-32, v5p-64): the same command on every worker.
 #
 #   export TPU_NAME=byol-v4-32 ZONE=us-central2-b            # PROJECT=... if not the default
-#   export WORKDIR=/mnt/shared/byol_imagenet                 # same path on every worker, shared
+#   export WORKDIR=gs://my-bucket/byol_imagenet              # or a shared file system path
 #   experiments/launch_tpu_pod.sh setup                      # once: copy this repo, install
 #   experiments/launch_tpu_pod.sh run --config=configs/byol.py \
 #       --config.data.data_dir=gs://my-bucket/tensorflow_datasets
@@ -15,14 +15,16 @@
 #
 # Every worker connects through jax.distributed.initialize(); on a TPU VM JAX finds the pod's
 # workers and this worker's id from the TPU metadata, so no address or id is passed here
-# (--distributed=on just makes it an error if that detection fails). WORKDIR must be shared
-# (Filestore/NFS, or a GCS bucket mounted with gcsfuse at the same path on every worker):
-# Orbax checkpoints are written by all workers together into one directory.
+# (--distributed=on just makes it an error if that detection fails). WORKDIR must be one place
+# every worker sees, because Orbax checkpoints are written by all workers together into one
+# directory: a GCS bucket (gs://..., with the TPU VM's service account allowed to write it:
+# checkpoints, metrics, TensorBoard, the workdir lock all go there), or a shared file system
+# path (Filestore/NFS, gcsfuse) that is the same on every worker.
 set -euo pipefail
 
 case "${1:-}" in
   setup|run|logs|stop) ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE, e.g. us-central2-b}"
@@ -45,7 +47,7 @@ case "${1:-}" in
     ;;
   run)
     shift
-    : "${WORKDIR:?set WORKDIR to a directory shared by all workers}"
+    : "${WORKDIR:?set WORKDIR to gs://BUCKET/PATH or a directory shared by all workers}"
     # Quote every user argument for the remote shell.
     args=$(printf ' %q' --workdir="$WORKDIR" --distributed=on "$@")
     on_all_workers "cd ~/$REMOTE_DIR && nohup python3 -m byol_jax.main_loop$args \

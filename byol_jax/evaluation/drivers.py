@@ -6,14 +6,12 @@ monitor and online-classifier evaluation. The data pipeline (TensorFlow) is impo
 functions that read data.
 """
 
-import json
 import math
-import os
 
 import jax
 import numpy as np
 
-from byol_jax.runtime import checkpointing, metrics, parallel
+from byol_jax.runtime import checkpointing, metrics, parallel, storage
 from byol_jax.evaluation import classifier_checkpoints, knn, pretrained
 from byol_jax.evaluation.steps import EvalExperiment, PROTOCOLS, accuracy, encoder_embed
 
@@ -189,7 +187,7 @@ def validate_config(config):
   if not config.checkpoint:
     raise ValueError('--config.checkpoint is required: a pretraining workdir or an export '
                      'file (python -m byol_jax.export).')
-  if not os.path.exists(config.checkpoint):
+  if not storage.exists(config.checkpoint):
     raise FileNotFoundError(f'No pretraining workdir or export file at {config.checkpoint}.')
   if config.protocol not in PROTOCOLS:
     raise ValueError(f'Unknown protocol {config.protocol!r}: choose from '
@@ -325,7 +323,7 @@ def evaluate(config, workdir: str) -> dict:
   record = dict(
       protocol=protocol_name(config), top1=result['top1'], top5=result['top5'],
       eval_loss=result.get('loss'),
-      checkpoint=os.path.abspath(config.checkpoint), checkpoint_step=int(meta['step']),
+      checkpoint=storage.resolve(config.checkpoint), checkpoint_step=int(meta['step']),
       encoder=model_config.to_dict(), pretrain_dataset=meta['dataset'],
       dataset=config.dataset, image_size=config.image_size, eval_split=config.eval_split,
       num_classes=config.num_classes, validation_examples=config.data.validation_examples,
@@ -343,7 +341,5 @@ def evaluate(config, workdir: str) -> dict:
         f'{100 * record["top5"]:.2f}% (training examples {record["train_examples"]}, '
         f'pretraining step {record["checkpoint_step"]}).', flush=True)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(record, f, indent=1)
+    storage.write_json(storage.join(workdir, 'eval_results.json'), record)
   return record

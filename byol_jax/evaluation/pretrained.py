@@ -7,12 +7,10 @@ image_size, num_classes; the rest from the workdir it names as `source`, when re
 (TensorFlow) is imported only to choose `eval_split`.
 """
 
-import os
-
 import ml_collections
 
 from byol_jax.core import networks
-from byol_jax.runtime import checkpointing, export
+from byol_jax.runtime import checkpointing, export, storage
 
 # Used when the run's full config is unknown (an export file whose workdir is gone).
 # A run that predates data.eval_crop_fraction was scored with the reference's 0.875 crop.
@@ -39,8 +37,8 @@ def describe(path: str, meta: dict) -> dict:
   workdir it was exported from when that can still be read (else `config_source` is None).
   """
   run = None
-  source = path if os.path.isdir(path) else meta.get('source')
-  if source and os.path.isdir(source):
+  source = path if storage.isdir(path) else meta.get('source')
+  if source and storage.isdir(source):
     run = _saved_config(source, meta.get('step') if source == path else None)
   described = dict(run or {}, config_source=source if run else None)
   described.update({key: meta[key] for key in ('dataset', 'image_size', 'num_classes')
@@ -143,7 +141,7 @@ def check_labels(labels, num_classes: int, dataset: str):
 
 def load(path: str):
   """(model_config, params, state, meta) of the online encoder at `path` (workdir or export)."""
-  if os.path.isdir(path):
+  if storage.isdir(path):
     params, state, meta = export.read_checkpoint_encoder(path)
     return ml_collections.ConfigDict(meta['model']), params, state, meta
   model_config, params, state = export.load_encoder(path)

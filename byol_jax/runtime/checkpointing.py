@@ -37,9 +37,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from byol_jax.runtime import disk, integrity, parallel, workdir_lock
+from byol_jax.runtime import disk, integrity, object_lock, parallel, storage, workdir_lock
 
 CHECKPOINT_DIR = 'checkpoints'
+# On object storage Orbax writes `<step>/` in place and marks it complete with this file.
+COMMIT_FILE = 'commit_success.txt'
 
 # Config keys that may change between a run and its resumption without changing the run itself:
 # how often to log and save, how many checkpoints to keep, where the data lives, the kNN
@@ -188,8 +190,7 @@ def _all_finite(tree):
 def _move_aside(path: str, destination: str):
   """Renames `path` to `destination` on process 0 (never deletes: the user decides)."""
   if _is_primary():
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    os.rename(path, destination)
+    storage.rename(path, destination)
   _sync('move_aside')
 
 
@@ -209,7 +210,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config, async_save: bool = True):
     self.workdir = workdir
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.directory = storage.resolve(storage.join(workdir, CHECKPOINT_DIR))
     self.config = config
     self._config_dict = config_to_dict(config)
     for key in ('checkpoint_every_steps', 'checkpoint_every_secs', 'keep_checkpoints'):
@@ -226,14 +227,14 @@ class Checkpointer:
     """Fails at start-up, not after hours of training, when checkpoints cannot be written."""
     reason = None
     if _is_primary():  # Shared file system: one probe; the others learn the outcome below.
-      probe = os.path.join(self.directory, f'.write_test.{os.getpid()}')
+      probe = storage.join(self.directory, f'.write_test.{os.getpid()}')
       try:
-        os.makedirs(self.directory, exist_ok=True)
-        with open(probe, 'w') as f:
-          f.write('ok')
-        os.remove(probe)
-      except OSError as e:
-        reason = e.strerror or str(e)
+        storage.write_text(probe, 'ok')
+        storage.remove(probe)
+      except Exception as e:  # pylint: disable=broad-except
+        # OSError on a disk; object-storage clients raise their own errors (permissions,
+        # a missing bucket).
+        reason = (e.strerror if isinstance(e, OSError) else None) or one_line(e, 200)
     if not _all_processes(reason is None):  # Every process raises, none waits for the rest.
       raise CheckpointError(f'Cannot write checkpoints to {self.directory}: '
                             f'{reason or "failed on process 0"}. Choose a writable --workdir.')
@@ -241,15 +242,18 @@ class Checkpointer:
   def _take_lock(self):
     """One writer per workdir: process 0 holds `workdir/.lock` while the run lives. A lock left
     by a dead process on this host is taken over; one from another host counts as abandoned
-    once it has not been refreshed (at every save) for `lock_stale_after_secs`."""
+    once it has not been refreshed (at every save) for `lock_stale_after_secs`. On object
+    storage the lock is an object created by a conditional write (object_lock.py)."""
     lock, reason = None, None
     if _is_primary():
-      lock = workdir_lock.WorkdirLock(
+      kind = (object_lock.ObjectLock if storage.is_remote(self.workdir)
+              else workdir_lock.WorkdirLock)
+      lock = kind(
           self.workdir, stale_after_secs=self.config.get('lock_stale_after_secs', 3600),
           warn=_warn, override_hint='or pass --config.lock_stale_after_secs=0 if it is dead')
       try:
         lock.acquire()
-      except workdir_lock.WorkdirInUse as e:
+      except (workdir_lock.WorkdirInUse, OSError) as e:  # OSError: the lock cannot be written.
         reason = str(e)
     if not _all_processes(reason is None):
       raise CheckpointError(reason or 'the workdir is in use by another run (see process 0).')
@@ -273,7 +277,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return storage.join(self.directory, str(step))
 
   # -- saving -----------------------------------------------------------------------------------
 
@@ -305,7 +309,10 @@ class Checkpointer:
 
   def _check_free_space(self, step):
     """Refuses a save, before anything is written, when the disk cannot hold another checkpoint
-    as large as the last one: old checkpoints are deleted only after a new one is complete."""
+    as large as the last one: old checkpoints are deleted only after a new one is complete.
+    Object storage has no free space to ask for: no check there."""
+    if storage.is_remote(self.directory):
+      return
     reason = None
     previous = self._list_complete_steps()
     if _is_primary() and previous:
@@ -345,12 +352,16 @@ class Checkpointer:
         f'same command to resume.')
 
   def _list_complete_steps(self) -> list:
-    """Steps whose directories are complete on disk (renamed from their temporary name)."""
+    """Steps whose directories are complete on disk: renamed from their temporary name, or on
+    object storage (where Orbax writes `<step>/` in place) holding Orbax's commit file."""
     try:
-      names = os.listdir(self.directory)
+      names = storage.listdir(self.directory)
     except OSError:
       return []
-    return sorted(int(n) for n in names if n.isdigit())
+    steps = sorted(int(n) for n in names if n.isdigit())
+    if storage.is_remote(self.directory):
+      steps = [s for s in steps if storage.exists(storage.join(self.step_path(s), COMMIT_FILE))]
+    return steps
 
   def close(self):
     """Waits for the last save, then releases Orbax's threads and the workdir lock."""
@@ -453,7 +464,7 @@ class Checkpointer:
     """Frees the step numbers of unreadable checkpoints (the resumed run will save them again)
     while keeping their files for inspection."""
     for step in steps:
-      destination = os.path.join(self.workdir, CHECKPOINT_DIR + '.unreadable',
+      destination = storage.join(self.workdir, CHECKPOINT_DIR + '.unreadable',
                                  f'{step}-{_timestamp()}')
       _move_aside(self.step_path(step), destination)
       _warn(f'moved the unreadable checkpoint of step {step} to {destination}.')
@@ -479,10 +490,10 @@ class Checkpointer:
 
 def _checkpoints_dir(path: str) -> str:
   """`path` itself, or `path/checkpoints` when `path` is a run's workdir."""
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    path = os.path.join(path, CHECKPOINT_DIR)
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  if storage.isdir(storage.join(path, CHECKPOINT_DIR)):
+    path = storage.join(path, CHECKPOINT_DIR)
+  path = storage.resolve(path)
+  if not storage.isdir(path):
     raise FileNotFoundError(f'No checkpoint directory at {path}.')
   return path
 
@@ -508,7 +519,7 @@ def _read_first_readable(path: str, step: Optional[int], args: dict):
     if not steps:
       raise FileNotFoundError(f'No checkpoint in {directory}.')
     for candidate in steps:
-      where = os.path.join(directory, str(candidate))
+      where = storage.join(directory, str(candidate))
       try:
         return candidate, manager.restore(candidate, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except

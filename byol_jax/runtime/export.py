@@ -40,8 +40,8 @@ their channels) and reproduces SAME padding exactly; see docs/checkpoints.md. Wr
 no PyTorch.
 """
 
+import io
 import json
-import os
 import re
 import zipfile
 from typing import Optional
@@ -53,7 +53,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from byol_jax.runtime import checkpointing
+from byol_jax.runtime import checkpointing, storage
 from byol_jax.core import byol_experiment, networks
 
 FORMAT = 'byol_jax.encoder'
@@ -112,7 +112,7 @@ def _meta(step: int, saved_config: dict, source: str) -> dict:
   return dict(format=FORMAT, format_version=FORMAT_VERSION, step=int(step),
               dataset=saved_config['dataset'], image_size=saved_config['image_size'],
               num_classes=saved_config['num_classes'], seed=saved_config['seed'],
-              source=os.path.abspath(source), model=saved_config['model'])
+              source=storage.resolve(source), model=saved_config['model'])
 
 
 def read_checkpoint_encoder(path: str, step: Optional[int] = None):
@@ -149,17 +149,10 @@ def _plain(value):
 
 
 def _write_atomically(out: str, arrays: dict, header: dict):
-  """The file appears complete or not at all (written to a temporary name, then renamed)."""
-  out_dir = os.path.dirname(os.path.abspath(out))
-  os.makedirs(out_dir, exist_ok=True)
-  temporary = f'{out}.tmp-{os.getpid()}'
+  """The file appears complete or not at all (storage.write_bytes: a temporary name renamed,
+  or one upload to object storage)."""
   arrays = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
-  try:
-    safetensors.numpy.save_file(arrays, temporary, metadata=header)
-    os.replace(temporary, out)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  storage.write_bytes(out, safetensors.numpy.save(arrays, metadata=header))
 
 
 def write_native(out: str, params, state, meta: dict) -> dict:
@@ -291,9 +284,9 @@ def export_encoder(workdir: str, out: str, step: Optional[int] = None,
 
 def _container(path: str) -> str:
   """'safetensors' or 'npz' from the file's first bytes; ValueError naming the file otherwise."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'No encoder export or workdir at {path}.')
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     head = f.read(9)
   if head.startswith(b'PK\x03\x04'):
     return 'npz'
@@ -308,6 +301,8 @@ def _container(path: str) -> str:
 def _open_npz(path: str):
   """np.load without pickles; an unreadable file is a ValueError naming it."""
   try:
+    if storage.is_remote(path):  # NpzFile reads lazily: give it the bytes, not a temporary.
+      return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
     return np.load(path, allow_pickle=False)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise ValueError(f'{path} is not a readable encoder export: {e}') from None
@@ -315,7 +310,7 @@ def _open_npz(path: str):
 
 def _safetensors_header(path: str) -> dict:
   try:
-    with safetensors.safe_open(path, framework='numpy') as f:
+    with storage.local_file(path) as local, safetensors.safe_open(local, framework='numpy') as f:
       return f.metadata() or {}
   except (safetensors.SafetensorError, OSError) as e:
     raise ValueError(f'{path} is not a readable encoder export: {e}') from None
@@ -355,7 +350,7 @@ def _read_metadata(path: str, container: str) -> dict:
 def load_metadata(path: str) -> dict:
   """The metadata (format, step, dataset, image_size, num_classes, model, ...) of an export
   file (either format), or of the latest readable checkpoint of a workdir."""
-  if os.path.isdir(path):
+  if storage.isdir(path):
     return _meta(*checkpointing.read_saved_config(path), path)
   return _read_metadata(path, _container(path))
 
@@ -368,7 +363,7 @@ def load_encoder(path: str):
   a ConfigDict (config.model of the run); params and state are Haiku dicts of numpy arrays.
   `load_metadata` gives the rest (image_size, dataset, step, ...).
   """
-  if os.path.isdir(path):
+  if storage.isdir(path):
     params, state, meta = read_checkpoint_encoder(path)
     return ml_collections.ConfigDict(meta['model']), params, state
   container = _container(path)
@@ -381,7 +376,8 @@ def load_encoder(path: str):
       arrays = {key: data[key] for key in data.files if key != _META}
   else:
     try:
-      arrays = safetensors.numpy.load_file(path)
+      with storage.local_file(path) as local:
+        arrays = safetensors.numpy.load_file(local)
     except (safetensors.SafetensorError, OSError) as e:
       raise ValueError(f'{path} is not a readable encoder export: {e}') from None
   return (ml_collections.ConfigDict(meta['model']), _unflatten(_PARAMS, arrays),

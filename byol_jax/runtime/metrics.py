@@ -1,18 +1,24 @@
 """Training metrics: a progress line (step, images/s, ETA), JSONL and TensorBoard event files.
 
-TensorBoard files are written with the `tensorboard` package's own writer, so no TensorFlow
-is needed here. Only process 0 writes (multi-host runs call this on every process).
+TensorBoard files are written with the `tensorboard` package's record format, so no TensorFlow
+is needed here. Every file goes through storage.py, so a workdir on gs:// works like a local
+one (there a file is uploaded whole every storage.UPLOAD_EVERY_SECS and on close). Only
+process 0 writes (multi-host runs call this on every process).
 """
 
+import itertools
 import json
 import math
 import os
+import socket
 import time
 
 import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from byol_jax.runtime import storage
 
 
 def _format_seconds(seconds: float) -> str:
@@ -30,11 +36,10 @@ def drop_rows(workdir: str, drop, filename: str = 'metrics.jsonl') -> int:
   old one, so a kill in between leaves the old file whole. A line that is not JSON (the end
   of a line cut short by a kill) is dropped too: it is no row.
   """
-  path = os.path.join(workdir, filename)
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = storage.join(workdir, filename)
+  if jax.process_index() != 0 or not storage.exists(path):
     return 0
-  with open(path) as f:
-    lines = f.readlines()
+  lines = storage.read_text(path).splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -45,11 +50,35 @@ def drop_rows(workdir: str, drop, filename: str = 'metrics.jsonl') -> int:
       kept.append(line if line.endswith('\n') else line + '\n')
   if len(kept) == len(lines):
     return 0
-  temporary = f'{path}.tmp.{os.getpid()}'
-  with open(temporary, 'w') as f:
-    f.writelines(kept)
-  os.replace(temporary, path)
+  storage.write_text(path, ''.join(kept))  # Atomic: a temporary file renamed, or one upload.
   return len(lines) - len(kept)
+
+
+_event_files = itertools.count()
+
+
+class EventFile:
+  """A TensorBoard event file in `logdir` (tensorboard's file name, first event and record
+  framing, as its EventFileWriter), written synchronously through storage.GrowingFile."""
+
+  def __init__(self, logdir: str):
+    name = 'events.out.tfevents.%010d.%s.%s.%s' % (time.time(), socket.gethostname(),
+                                                   os.getpid(), next(_event_files))
+    self._file = storage.GrowingFile(storage.join(logdir, name), append=False)
+    self._records = RecordWriter(self._file)
+    self.add_event(event_pb2.Event(
+        wall_time=time.time(), file_version='brain.Event:2',
+        source_metadata=event_pb2.SourceMetadata(writer='byol_jax.runtime.metrics')))
+    self.flush()
+
+  def add_event(self, event):
+    self._records.write(event.SerializeToString())
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
 
 
 class MetricWriter:
@@ -61,9 +90,8 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self._last_time, self._last_step = None, None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, filename), 'a')
-      self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+      self._jsonl = storage.GrowingFile(storage.join(workdir, filename), append=True)
+      self._events = EventFile(storage.join(workdir, 'tensorboard'))
 
   def start(self, step: int):
     """Marks the clock at `step` so the first images/s is not polluted by compilation."""
@@ -81,7 +109,7 @@ class MetricWriter:
     self._last_time, self._last_step = now, step
     if self.enabled:
       record = {'step': int(step), **{prefix + k: v for k, v in scalars.items()}}
-      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.write((json.dumps(record) + '\n').encode())
       self._jsonl.flush()
       summary = summary_pb2.Summary(value=[
           summary_pb2.Summary.Value(tag=prefix + k, simple_value=v)

@@ -28,7 +28,6 @@ is applied.
 No TensorFlow here.
 """
 
-import os
 import re
 from typing import NamedTuple, Optional
 
@@ -37,7 +36,7 @@ import numpy as np
 import optax
 
 from byol_jax.core import byol_experiment, networks, target_ema
-from byol_jax.runtime import checkpointing, parallel
+from byol_jax.runtime import checkpointing, parallel, storage
 from byol_jax.runtime.reference_pickle import (  # pylint: disable=unused-import  (the API)
     ALLOWED, ByolExperimentState, source_name, ReferenceCheckpointError, ScaleByLarsState, safe_load)
 
@@ -356,9 +355,9 @@ def write_workdir(pkl: str, config, workdir: str) -> int:
   if config.model.encoder not in networks.ENCODERS:
     raise ReferenceCheckpointError(f'Unknown model.encoder {config.model.encoder!r}: choose '
                                    f'from {", ".join(networks.ENCODERS)}.')
-  directory = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-  if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
-    raise ReferenceCheckpointError(f'{os.path.abspath(directory)} already holds checkpoints: '
+  directory = storage.join(workdir, checkpointing.CHECKPOINT_DIR)
+  if storage.isdir(directory) and any(name.isdigit() for name in storage.listdir(directory)):
+    raise ReferenceCheckpointError(f'{storage.resolve(directory)} already holds checkpoints: '
                                    f'choose a new --workdir.')
   reference = load_reference_checkpoint(pkl)
   # train_examples sets only the length of the schedules (main_loop reads it from the data).

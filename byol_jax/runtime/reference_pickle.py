@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from byol_jax.runtime import storage
 from byol_jax.runtime.checkpointing import one_line
 
 
@@ -313,7 +314,7 @@ def safe_load(path_or_file):
   source = source_name(path_or_file)
   try:
     if isinstance(path_or_file, (str, os.PathLike)):
-      with open(path_or_file, 'rb') as f:
+      with storage.open(os.fspath(path_or_file), 'rb') as f:  # A local path or gs://.
         obj = _RestrictedUnpickler(f).load()
     else:
       obj = _RestrictedUnpickler(path_or_file).load()
