@@ -1,9 +1,9 @@
 """Evaluation drivers: they feed the pure steps (steps.py) with data and devices.
 
 `evaluate` (linear, fine-tune, semi-supervised, kNN protocols from configs/eval.py),
-`train_classifier`, feature extraction and kNN over whole splits, the pretraining-time kNN
-monitor and online-classifier evaluation. The data pipeline (TensorFlow) is imported inside the
-functions that read data.
+`train_classifier`, kNN over whole splits (their features from features.py: each process
+embeds its shard), the pretraining-time kNN monitor and online-classifier evaluation. The data
+pipeline (TensorFlow) is imported inside the functions that read data.
 """
 
 import math
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from byol_jax.runtime import checkpointing, metrics, parallel, storage
-from byol_jax.evaluation import classifier_checkpoints, knn, pretrained
+from byol_jax.evaluation import classifier_checkpoints, features, knn, pretrained
 from byol_jax.evaluation.steps import EvalExperiment, PROTOCOLS, accuracy, encoder_embed
 
 
@@ -40,36 +40,8 @@ def balanced_subset(labels, fraction: float, seed: int) -> np.ndarray:
   return np.sort(np.concatenate(chosen))
 
 
-def extract_features(embed, params, bn_state, batches):
-  """(features, labels) of the real (unmasked) examples of host batches, in inference mode."""
-  feats, labels = [], []
-  for batch in batches:
-    out = np.asarray(embed(params, bn_state, batch['images']))
-    feats.append(out[batch['mask']])
-    labels.append(np.asarray(batch['labels'])[batch['mask']])
-  return np.concatenate(feats), np.concatenate(labels)
-
-
 # ---------------------------------------------------------------------------------------------
 # Over datasets (TensorFlow enters here, through `datasets`, imported where it is used).
-
-EVAL_BATCH = 256  # Per process: feature extraction for kNN.
-
-
-def _whole_split(config, split):
-  """One pass over all of `split` on every process (kNN needs the whole bank on each)."""
-  from byol_jax.data import datasets
-  return datasets.eval_batches(config, split, EVAL_BATCH, process_index=0, process_count=1)
-
-
-def split_features(config, embed, params, bn_state, split):
-  """(features, labels) of every example of `split`, in the split's order."""
-  return extract_features(embed, params, bn_state, _whole_split(config, split))
-
-
-def split_labels(config, split) -> np.ndarray:
-  """Labels of every example of `split`, in the split's order (the images are not kept)."""
-  return np.concatenate([b['labels'][b['mask']] for b in _whole_split(config, split)])
 
 
 def knn_evaluate(config, embed, params, bn_state, *, test_split, k, temperature,
@@ -78,13 +50,19 @@ def knn_evaluate(config, embed, params, bn_state, *, test_split, k, temperature,
 
   `labelled_fraction` < 1 keeps a `balanced_subset` of the bank (semi-supervised kNN);
   `center` subtracts the bank mean first (raw pixels, which are all positive).
+
+  Multi-host: each process embeds only its shard of both splits (features.py); the gathered
+  bank and test features are the same arrays on every process, and every process computes the
+  same kNN from them and returns the same result. (Computing it on process 0 alone would save
+  no time, since the others would wait for it at their next collective, and would leave them
+  without the result; the kNN is a small part of the cost next to embedding the bank.)
   """
-  bank_x, bank_y = split_features(config, embed, params, bn_state, 'labelled_train')
+  bank_x, bank_y = features.split_features(config, embed, params, bn_state, 'labelled_train')
   pretrained.check_labels(bank_y, config.num_classes, config.dataset)
   if labelled_fraction < 1:
     keep = balanced_subset(bank_y, labelled_fraction, config.seed)
     bank_x, bank_y = bank_x[keep], bank_y[keep]
-  test_x, test_y = split_features(config, embed, params, bn_state, test_split)
+  test_x, test_y = features.split_features(config, embed, params, bn_state, test_split)
   pretrained.check_labels(test_y, config.num_classes, config.dataset)
   if center:
     mean = bank_x.mean(axis=0)
@@ -105,9 +83,25 @@ def knn_monitor(config, experiment, state) -> dict:
   result = knn_evaluate(config, jax.jit(experiment.embed), params, bn_state,
                         test_split='validation', k=config.final_knn.k,
                         temperature=config.final_knn.temperature)
-  print(f'kNN monitor (k={result["k"]}) at step {int(jax.device_get(state.step))}: top-1 '
-        f'{100 * result["top1"]:.1f}% on {result["count"]} held-out images', flush=True)
+  if jax.process_index() == 0:
+    print(f'kNN monitor (k={result["k"]}) at step {int(jax.device_get(state.step))}: top-1 '
+          f'{100 * result["top1"]:.1f}% on {result["count"]} held-out images', flush=True)
   return dict(knn_top1=result['top1'], knn_top5=result['top5'])
+
+
+def random_init_baseline(config, experiment, initial_state):
+  """(params, BatchNorm state) of the random-init encoder, its BN moving averages refreshed on
+  30 training batches (a fresh BN state is meaningless in inference mode). Every process uses
+  the same (global) batches, those of a single process: each embeds its shard of the splits,
+  so all must hold the same statistics."""
+  from byol_jax.data import datasets
+  params, state = jax.device_get((initial_state.online_params, initial_state.online_state))
+  recalibrate = jax.jit(experiment.recalibrate_batchnorm)
+  calibration = datasets.pretrain_batches(config, start_step=0, process_index=0,
+                                          process_count=1)
+  for _ in range(30):
+    state = recalibrate(params, state, next(calibration)['view1'])
+  return params, jax.device_get(state)
 
 
 def pretraining_knn(config, experiment, state, initial_state) -> dict:
@@ -118,15 +112,8 @@ def pretraining_knn(config, experiment, state, initial_state) -> dict:
   inference mode) and raw pixels (centred, cosine). The bank is the labelled training split,
   unaugmented.
   """
-  from byol_jax.data import datasets
   k, temperature = config.final_knn.k, config.final_knn.temperature
-  random_params, random_state = jax.device_get((initial_state.online_params,
-                                                initial_state.online_state))
-  recalibrate = jax.jit(experiment.recalibrate_batchnorm)
-  calibration = datasets.pretrain_batches(config, start_step=0)
-  for _ in range(30):
-    random_state = recalibrate(random_params, random_state, next(calibration)['view1'])
-
+  random_params, random_state = random_init_baseline(config, experiment, initial_state)
   embed = jax.jit(experiment.embed)
   evaluate = lambda embed, params, bn_state, **kw: knn_evaluate(
       config, embed, params, bn_state, test_split='validation', k=k, temperature=temperature,
@@ -135,10 +122,12 @@ def pretraining_knn(config, experiment, state, initial_state) -> dict:
       byol=evaluate(embed, *jax.device_get((state.online_params, state.online_state))),
       random_init=evaluate(embed, random_params, random_state),
       raw_pixels=evaluate(_pixels, None, None, center=True))
-  print(f'Representation quality, kNN top-1 (k={k}, T={temperature}) on '
-        f'{results["byol"]["count"]} held-out images: BYOL {100 * results["byol"]["top1"]:.1f}% '
-        f'| random-init encoder {100 * results["random_init"]["top1"]:.1f}% | raw pixels '
-        f'{100 * results["raw_pixels"]["top1"]:.1f}%', flush=True)
+  if jax.process_index() == 0:
+    print(f'Representation quality, kNN top-1 (k={k}, T={temperature}) on '
+          f'{results["byol"]["count"]} held-out images: BYOL '
+          f'{100 * results["byol"]["top1"]:.1f}% | random-init encoder '
+          f'{100 * results["random_init"]["top1"]:.1f}% | raw pixels '
+          f'{100 * results["raw_pixels"]["top1"]:.1f}%', flush=True)
   return results
 
 
@@ -223,7 +212,7 @@ def train_classifier(config, model_config, params, bn_state, workdir: str):
   parallel.check_batch_size(config.batch_size, mesh)
   subset = None
   if config.labelled_fraction < 1:
-    subset = balanced_subset(split_labels(config, 'labelled_train'),
+    subset = balanced_subset(features.split_labels(config, 'labelled_train'),
                              config.labelled_fraction, config.seed)
   train_examples = (datasets.num_examples(config, 'labelled_train') if subset is None
                     else len(subset))
