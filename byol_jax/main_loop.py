@@ -72,6 +72,22 @@ def _check_finite(step: int, metrics_at_step: dict):
                              f'state was written.')
 
 
+def _forget_logged_after(workdir: str, step: int, total: int):
+  """Drops the metrics.jsonl rows a run resumed at `step` logs again, so that every row is
+  there once, however the previous run ended (SIGKILL, a disk-full or other error surfacing
+  one or more log steps after the failed save, a NaN): those of later steps and, when `step`
+  is the final step, the final evaluations' rows (written after the final save; its training
+  row, which has a plain `loss`, came before it). TensorBoard is told the same by
+  MetricWriter.restart."""
+  def logged_after(row):
+    logged = row.get('step', 0)
+    return logged > step or (logged == step == total and 'loss' not in row)
+  dropped = metrics.drop_rows(workdir, logged_after)
+  if dropped and jax.process_index() == 0:
+    print(f'metrics.jsonl: dropped {dropped} rows logged after step {step}; they are logged '
+          f'again as the run repeats those steps.', flush=True)
+
+
 def train_byol(config, workdir: str):
   from byol_jax.data import datasets  # TensorFlow enters only with the input pipeline.
 
@@ -90,6 +106,7 @@ def train_byol(config, workdir: str):
   # The latest complete checkpoint, if any: its step drives the LR/tau schedules and the
   # (seed, step)-determined batches, so the resumed run is the uninterrupted one.
   start_step, state = checkpoints.restore_or_init(initial_state, mesh)
+  _forget_logged_after(workdir, start_step, total)  # Before the writer opens the file.
   step_fn = parallel.map_step(experiment.train_step, mesh)
   batches = datasets.pretrain_batches(config, start_step=start_step)
   if start_step == 0:
@@ -100,6 +117,7 @@ def train_byol(config, workdir: str):
                                        parallel.global_batch(first, mesh), mesh)
     batches = itertools.chain([first], batches)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
+  writer.restart(start_step)
 
   online_eval_fn = parallel.map_step(steps.online_eval_step(experiment), mesh,
                                      donate_state=False)

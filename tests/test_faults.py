@@ -4,7 +4,7 @@ The rows not covered here live in test_checkpointing.py: SIGKILL and SIGTERM the
 (`test_sigkill_and_sigterm_then_resume_equals_uninterrupted_run`), a truncated array file
 (`test_corrupt_latest_falls_back_with_warning`), ENOSPC in the middle of a save
 (`test_disk_full_during_save_keeps_previous_checkpoint`), a NaN state
-(`test_nan_state_is_never_saved`).
+(`test_nan_state_is_never_saved`). metrics.jsonl after a resume: test_metrics.py.
 """
 
 import glob
@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-from test_checkpointing import (assert_trees_equal, save_steps, tiny_config,  # pylint: disable=unused-import
-                                mesh, trained_states)
+from test_checkpointing import (DRIVER, REPO, RUN_FLAGS, TOTAL_STEPS, assert_trees_equal,  # pylint: disable=unused-import
+                                mesh, run_env, run_main_loop, save_steps, saved_steps,
+                                tiny_config, trained_states)
 from byol_jax.runtime import checkpointing, disk
 
 
@@ -134,3 +135,51 @@ def test_a_digest_mismatch_falls_back_and_names_the_checkpoint(tmp_path, mesh, t
   assert_trees_equal(restored, states[1])
   assert f'checkpoint {tmp_path}/checkpoints/3 is corrupt (its arrays do not match' in err
   assert 'falling back to the previous one' in err
+
+
+# Before test_checkpointing's DRIVER: from the save of step DISK_FULL_AT_STEP on, Orbax's
+# asynchronous commit fails with ENOSPC (as in test_disk.py, where the config item is written),
+# so the error surfaces a few log steps later, at the next save, as on a real full disk.
+DISK_FULL_HOOK = """
+import errno, os
+from orbax import checkpoint as ocp
+from byol_jax.runtime import checkpointing
+full_from, saving = int(os.environ['DISK_FULL_AT_STEP']), [0]
+real_save, real_json_save = checkpointing.Checkpointer.save, ocp.handlers.JsonCheckpointHandler._save_fn
+def save(self, step, state):
+  saving[0] = step
+  return real_save(self, step, state)
+async def json_save(self, x, directory):
+  if saving[0] >= full_from:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  return await real_json_save(self, x, directory)
+checkpointing.Checkpointer.save = save
+ocp.handlers.JsonCheckpointHandler._save_fn = json_save
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_stop_then_resume_logs_every_step_once(tmp_path):
+  """ENOSPC while saving step 16 (checkpoints every 8 steps, rows every 4): the error surfaces
+  at the next save, once steps 20 and 24 are logged; the run stops with one line, step 8 stays
+  the checkpoint; the same command resumes there and metrics.jsonl ends with every step once."""
+  workdir = str(tmp_path)
+  failed = subprocess.run([sys.executable, '-c', DISK_FULL_HOOK + DRIVER, *RUN_FLAGS,
+                           f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=run_env(DISK_FULL_AT_STEP='16'))
+  assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-3000:]
+  # One line says it all. (Orbax's own threads log the failure with tracebacks around it.)
+  [line] = [l for l in failed.stderr.splitlines() if l.startswith('error: ')]
+  assert line.startswith('error: Saving the checkpoint of step 16 to ') and 'disk full' in line
+  assert 'the previous checkpoint (step 8) is intact' in line, line
+  assert saved_steps(workdir) == [8]
+  rows = lambda: [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows() if 'loss' in r] == [4, 8, 12, 16, 20, 24]  # Then stopped.
+
+  resumed = run_main_loop(workdir)
+  assert f'Resuming from checkpoint {workdir}/checkpoints/8 (step 8)' in resumed.stdout
+  assert saved_steps(workdir) == [8, 16, TOTAL_STEPS]
+  assert [r['step'] for r in rows() if 'loss' in r] == list(range(4, TOTAL_STEPS + 1, 4))
+  assert 'dropped 4 rows logged after step 8' in resumed.stdout
+  keys = [(r['step'], tuple(sorted(r))) for r in rows()]
+  assert len(keys) == len(set(keys)), keys  # No row twice, the final evaluation's included.

@@ -97,6 +97,17 @@ class MetricWriter:
     """Marks the clock at `step` so the first images/s is not polluted by compilation."""
     self._last_time, self._last_step = time.time(), step
 
+  def restart(self, step: int):
+    """Tells TensorBoard that the run (re)starts after `step`: a SessionLog START event at
+    step + 1, on which TensorBoard discards the events of steps >= step + 1 read before it (the
+    steps an interrupted run logged past its last checkpoint, logged again now). The JSONL rows
+    are dropped with `drop_rows` before the writer opens the file."""
+    if self.enabled:
+      self._events.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(step) + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      self._events.flush()
+
   def write(self, step: int, metrics: dict, prefix: str = '') -> dict:
     """Adds images/s since the last call and writes; returns the scalars written."""
     now = time.time()
