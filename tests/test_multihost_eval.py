@@ -95,10 +95,13 @@ def worker(args):
   pretraining = _pretraining_config()
   experiment = byol_experiment.ByolExperiment(pretraining, train_examples=1500)
   state = jax.jit(experiment.init, static_argnums=1)(jax.random.PRNGKey(0), SIZE)
-  _, calibrated = drivers.random_init_baseline(pretraining, experiment, state)
+  baselines = []  # What pretraining_knn's random-init baseline is, kept for the comparison.
+  real_baseline = drivers.random_init_baseline
+  drivers.random_init_baseline = lambda *a: baselines.append(real_baseline(*a)) or baselines[-1]
+  results = drivers.pretraining_knn(pretraining, experiment, state, state)
+  [(_, calibrated)] = baselines
   for path, leaf in jax.tree_util.tree_flatten_with_path(calibrated)[0]:
     saved[f'calibrated{jax.tree_util.keystr(path)}'] = np.asarray(leaf)
-  results = drivers.pretraining_knn(pretraining, experiment, state, state)
   for name, result in results.items():
     saved[f'pretraining_knn/{name}/top1'] = result['top1']
     saved[f'pretraining_knn/{name}/count'] = result['count']
