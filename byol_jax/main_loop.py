@@ -39,6 +39,7 @@ def validate_config(config):
     raise ValueError(f'Unknown model.encoder {config.model.encoder!r}: choose from '
                      f'{", ".join(networks.ENCODERS)}.')
   networks.compute_dtype(config.model)
+  byol_experiment.init_settings(config)  # Raises for an unknown model.init / target_init.
   if config.optimizer.name not in ('lars', 'adamw'):
     raise ValueError(f'Unknown optimizer.name {config.optimizer.name!r}: choose lars or adamw.')
   if config.max_steps < 0 or (config.max_steps == 0 and config.num_epochs <= 0):
@@ -62,6 +63,7 @@ def validate_config(config):
     raise ValueError(f'eval_batch_size must be positive, got {config.eval_batch_size}.')
   from byol_jax.data import augmentations  # TensorFlow: the input pipeline needs it next anyway.
   augmentations.crop_sampler(config.augment)  # Raises for an unknown sampler.
+  augmentations.color_jitter_style(config.augment)  # Raises for an unknown style.
   augmentations.eval_crop_fraction(config.data)  # Raises outside (0, 1].
 
 

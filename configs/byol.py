@@ -87,6 +87,10 @@ def _augment_config():
       crop_sampler='reference',  # One draw, clipped (reference); 'torchvision': 10 tries.
       flip=True,
       color_jitter_prob=0.8,
+      # 'reference': the reference's ops (additive brightness, per-channel-mean contrast, HSV
+      # saturation); 'torchvision': torchvision's ColorJitter (brightness and saturation
+      # multiply/blend, contrast blends with the mean luma), as PyTorch implementations use.
+      color_jitter_style='reference',
       brightness=0.4,
       contrast=0.4,
       saturation=0.2,
@@ -161,6 +165,11 @@ def get_config(preset='imagenet'):
       # The reference code (Haiku's BlockV1) starts the last BatchNorm scale of every
       # bottleneck block at 0; the paper's numbers used 1 (reference README): False for that.
       zero_init_last_bn=True,
+      # Initial kernels and biases: 'reference' (Haiku's defaults, as the reference: truncated
+      # normal std 1/sqrt(fan_in), zero biases) or 'pytorch' (PyTorch's nn.Conv2d / nn.Linear
+      # defaults, U(+-1/sqrt(fan_in)): 0.66x the spread, which under Adam means larger
+      # relative steps).
+      init='reference',
       projector_hidden_size=4096,
       predictor_hidden_size=4096,
       projection_size=256,
@@ -182,6 +191,9 @@ def get_config(preset='imagenet'):
       warmup_steps=-1,  # >= 0 overrides warmup_epochs.
   ))
   config.base_target_ema = -1.0  # Negative: the paper's row for num_epochs.
+  # 'separate' (the reference): the target network is initialised from its own key; 'copy': it
+  # starts as a copy of the online network (PyTorch implementations deep-copy it).
+  config.target_init = 'separate'
 
   # Logging and checkpoints.
   config.log_every_steps = 100

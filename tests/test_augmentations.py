@@ -301,6 +301,45 @@ def test_colour_jitter_runs_each_images_ops_in_its_own_order():
     np.testing.assert_allclose(jittered[i], expected[0], atol=1e-5)
 
 
+def _torchvision_colour_op(op, image, strength):
+  """torchvision.transforms.functional's adjust_* on one float HWC image in [0, 1], written
+  from its source (transforms/_functional_tensor.py: _blend, rgb_to_grayscale 0.2989 / 0.587 /
+  0.114), in NumPy: an independent statement of what the 'torchvision' style must compute."""
+  luma = image @ np.array([0.2989, 0.587, 0.114])
+  blend = lambda other: np.clip(strength * image + (1 - strength) * other, 0, 1)
+  if op == augmentations.BRIGHTNESS:
+    return blend(0.0)
+  if op == augmentations.CONTRAST:
+    return blend(luma.mean())
+  if op == augmentations.SATURATION:
+    return blend(luma[..., None])
+  return np.asarray(augmentations.adjust_hue(tf.constant(image[None], tf.float32),
+                                             tf.constant([strength], tf.float32))[0])
+
+
+def test_torchvision_colour_jitter_is_torchvisions_colorjitter():
+  images = colourful_images(64, 8)
+  params = augmentations.sample_color_jitter(SEED, 64, prob=0.8, brightness=0.4, contrast=0.4,
+                                             saturation=0.2, hue=0.1, style='torchvision')
+  # Brightness is a factor here (an offset in the reference style); the others are unchanged.
+  brightness = params[augmentations.BRIGHTNESS].numpy()
+  assert 0.6 <= brightness.min() < 0.65 and 1.35 < brightness.max() <= 1.4
+  jittered = augmentations.apply_color_jitter(images, params, 'torchvision').numpy()
+  reference = augmentations.apply_color_jitter(images, params).numpy()
+  assert np.abs(jittered - reference).max() > 0.1  # The two styles differ.
+  for i in range(64):
+    expected = images[i].numpy().astype(np.float64)
+    if params['apply'][i]:
+      for op in params['order'][i].numpy():
+        expected = _torchvision_colour_op(op, expected, float(params[op][i]))
+    np.testing.assert_allclose(jittered[i], expected, atol=1e-5)
+  augment = paper_augment()
+  with augment.unlocked():
+    augment.color_jitter_style = 'pil'
+  with pytest.raises(ValueError, match='color_jitter_style'):
+    augmentations.color_jitter_style(augment)
+
+
 def test_view_rates_match_the_configured_probabilities():
   """Each op alone, detected from the output, at the rate its config says, for both views."""
   augment = paper_augment()

@@ -70,6 +70,49 @@ def test_online_and_target_start_from_different_keys(setup):
   assert not np.allclose(w_online, w_target)
 
 
+def test_target_copy_starts_the_target_as_the_online_network():
+  config = _config()
+  with config.unlocked():
+    config.target_init = 'copy'
+  state = byol_experiment.ByolExperiment(config, train_examples=80).init(
+      jax.random.PRNGKey(0), image_size=8)
+  for online, target in zip(jax.tree.leaves(state.online_params),
+                            jax.tree.leaves(state.target.params)):
+    np.testing.assert_array_equal(online, target)
+
+
+def test_pytorch_init_draws_kernels_and_biases_uniform_in_one_over_root_fan_in(setup):
+  params = {'conv': {'w': np.zeros((3, 3, 64, 128), np.float32)},
+            'linear': {'w': np.zeros((256, 512), np.float32), 'b': np.zeros(512, np.float32)},
+            'batch_norm': {'scale': np.ones(8, np.float32), 'offset': np.zeros(8, np.float32)}}
+  drawn = byol_experiment.pytorch_default_init(params, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(drawn['batch_norm']['scale'], 1.0)  # Norms untouched.
+  np.testing.assert_array_equal(drawn['batch_norm']['offset'], 0.0)
+  for values, fan_in in ((drawn['conv']['w'], 3 * 3 * 64), (drawn['linear']['w'], 256),
+                         (drawn['linear']['b'], 256)):
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(values).max() <= bound and values.dtype == np.float32
+    # U(-a, a) has std a/sqrt(3); to 5 standard errors of a sample std (var of x^2: 4a^4/45).
+    assert abs(values.std() / (bound / np.sqrt(3)) - 1) < 5 * np.sqrt(0.2 / values.size)
+  # Through the experiment: every kernel and bias redrawn, online and target from their keys.
+  _, _, reference = setup
+  config = _config()
+  with config.unlocked():
+    config.model.init = 'pytorch'
+  state = byol_experiment.ByolExperiment(config, train_examples=80).init(
+      jax.random.PRNGKey(0), image_size=8)
+  for name, module in state.online_params.items():
+    for leaf in set(module) & {'w', 'b'}:
+      bound = 1 / np.sqrt(np.prod(module['w'].shape[:-1]))
+      assert np.abs(module[leaf]).max() <= bound
+      assert not np.array_equal(module[leaf], reference.online_params[name][leaf]), name
+  assert not np.allclose(state.online_params['projector/linear']['w'],
+                         state.target.params['projector/linear']['w'])
+  with pytest.raises(ValueError, match='model.init'):
+    config.model.init = 'glorot'
+    byol_experiment.init_settings(config)
+
+
 @pytest.mark.slow
 def test_step_loss_is_the_symmetric_sum(setup):
   config, experiment, state = setup

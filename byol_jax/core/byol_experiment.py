@@ -10,6 +10,7 @@ from typing import NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -126,9 +127,19 @@ class ByolExperiment:
 
   def _init_on_images(self, net, rng, images) -> TrainState:
     online_key, target_key = jax.random.split(rng)
+    init_name, target_init = init_settings(self.config)
 
-    online_params, online_state = net.init(online_key, images, True)
-    target_params, target_state = net.init(target_key, images, True)
+    def init(key):
+      params, state = net.init(key, images, True)
+      if init_name == 'pytorch':
+        params = pytorch_default_init(params, jax.random.fold_in(key, 1))
+      return params, state
+
+    online_params, online_state = init(online_key)
+    if target_init == 'copy':
+      target_params, target_state = online_params, online_state
+    else:
+      target_params, target_state = init(target_key)
     return TrainState(step=jnp.zeros((), jnp.int32), online_params=online_params,
                       online_state=online_state, target=self.target_ema.init(target_params),
                       target_state=target_state,
@@ -196,6 +207,47 @@ class ByolExperiment:
     """
     _, state = self.net.apply(params, state, None, images, True, online=False)
     return state
+
+
+# `model.init`: 'reference' (Haiku's defaults, as the reference: kernels truncated normal with
+# std 1/sqrt(fan_in), realised 0.88/sqrt(fan_in); biases 0) or 'pytorch' (`pytorch_default_init`).
+INITS = ('reference', 'pytorch')
+# `target_init`: 'separate' (the reference: the target from its own key) or 'copy' (the target
+# starts as a copy of the online network, as most PyTorch implementations deep-copy it).
+TARGET_INITS = ('separate', 'copy')
+
+
+def init_settings(config):
+  """(`model.init`, `target_init`) of a config, checked (one line for an unknown value); the
+  reference's where a config predates them."""
+  init_name = config.model.get('init', 'reference')
+  target_init = config.get('target_init', 'separate')
+  if init_name not in INITS:
+    raise ValueError(f'Unknown model.init {init_name!r}: choose from {", ".join(INITS)}.')
+  if target_init not in TARGET_INITS:
+    raise ValueError(f'Unknown target_init {target_init!r}: choose from '
+                     f'{", ".join(TARGET_INITS)}.')
+  return init_name, target_init
+
+
+def pytorch_default_init(params, key):
+  """PyTorch's default nn.Conv2d / nn.Linear initialisation in place of Haiku's: every kernel
+  `w` and bias `b` ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5); std
+  0.58/sqrt(fan_in), 0.66x Haiku's), fan_in = the product of the kernel's input dimensions
+  (HWI of an HWIO conv kernel, the rows of a Linear). BatchNorm parameters are left as they are
+  (scale 1 or the configured zero, offset 0), as in PyTorch."""
+  new = {}
+  for i, name in enumerate(sorted(params)):
+    module = dict(params[name])
+    if 'w' in module:
+      bound = 1. / np.sqrt(np.prod(module['w'].shape[:-1]))
+      kernel_key, bias_key = jax.random.split(jax.random.fold_in(key, i))
+      for leaf, leaf_key in (('w', kernel_key), ('b', bias_key)):
+        if leaf in module:
+          module[leaf] = jax.random.uniform(leaf_key, module[leaf].shape, module[leaf].dtype,
+                                            -bound, bound)
+    new[name] = module
+  return new
 
 
 def _collapse_metric(projection):

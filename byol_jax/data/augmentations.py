@@ -105,17 +105,43 @@ def adjust_hue(images, delta):
   return crops.clip_unit(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
 
 
-_ADJUST = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast,
-           SATURATION: adjust_saturation, HUE: adjust_hue}
+def _blend(images, other, factor):
+  """factor[i] * image + (1 - factor[i]) * other, clipped: torchvision's blend."""
+  factor = factor[:, None, None, None]
+  return crops.clip_unit(factor * images + (1.0 - factor) * other)
+
+
+def _luma(images):
+  return tf.image.rgb_to_grayscale(images)  # ITU-R 601, as torchvision's rgb_to_grayscale.
+
+
+_ADJUST = {
+    # The reference's (TF's) colour ops, `config.augment.color_jitter_style='reference'`.
+    'reference': {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast,
+                  SATURATION: adjust_saturation, HUE: adjust_hue},
+    # torchvision's ColorJitter ('torchvision'), which most PyTorch implementations use:
+    # brightness scales by a factor, contrast blends with the mean luma of the whole image,
+    # saturation blends with each pixel's luma; hue is the same rotation.
+    'torchvision': {
+        BRIGHTNESS: lambda images, factor: _blend(images, 0.0, factor),
+        CONTRAST: lambda images, factor: _blend(
+            images, tf.reduce_mean(_luma(images), axis=[1, 2, 3], keepdims=True), factor),
+        SATURATION: lambda images, factor: _blend(images, _luma(images), factor),
+        HUE: adjust_hue},
+}
+COLOR_JITTER_STYLES = tuple(_ADJUST)
 
 
 def sample_color_jitter(seed, batch_size, *, prob=0.8, brightness=0.4, contrast=0.4,
-                        saturation=0.2, hue=0.1):
+                        saturation=0.2, hue=0.1, style='reference'):
   """Per-image colour-jitter parameters: {'apply': bool [B], 'order': int32 [B, 4] (a random
   permutation of the op ids BRIGHTNESS, CONTRAST, SATURATION, HUE), and one strength [B] per
-  op: brightness delta, contrast factor, saturation factor, hue delta}."""
+  op: brightness delta (style 'torchvision': factor in [max(0, 1 - b), 1 + b]), contrast
+  factor, saturation factor, hue delta}."""
   apply_seed, order_seed, *strength_seeds = seeds.split_seed(seed, 6)
-  ranges = {BRIGHTNESS: (-brightness, brightness), CONTRAST: (1 - contrast, 1 + contrast),
+  brightness_range = ((-brightness, brightness) if style == 'reference' else
+                      (max(0.0, 1 - brightness), 1 + brightness))
+  ranges = {BRIGHTNESS: brightness_range, CONTRAST: (1 - contrast, 1 + contrast),
             SATURATION: (1 - saturation, 1 + saturation), HUE: (-hue, hue)}
   params = {op: seeds.uniform(strength_seeds[op], batch_size, (), low, high)
             for op, (low, high) in ranges.items()}
@@ -126,8 +152,9 @@ def sample_color_jitter(seed, batch_size, *, prob=0.8, brightness=0.4, contrast=
   return params
 
 
-def apply_color_jitter(images, params):
-  """Runs, for each image with params['apply'], its four colour ops in its own order.
+def apply_color_jitter(images, params, style='reference'):
+  """Runs, for each image with params['apply'], its four colour ops (of `style`) in its own
+  order.
 
   At each of the 4 positions the batch is partitioned by the op each image's permutation puts
   there, each op runs on its own images only, and the batch is stitched back together.
@@ -137,25 +164,28 @@ def apply_color_jitter(images, params):
     op_here = tf.where(params['apply'], params['order'][:, position], _NO_OP)
     ids = tf.dynamic_partition(image_ids, op_here, 5)
     groups = tf.dynamic_partition(images, op_here, 5)
-    for op, adjust in _ADJUST.items():
+    for op, adjust in _ADJUST[style].items():
       groups[op] = adjust(groups[op], tf.gather(params[op], ids[op]))
     images = tf.reshape(tf.dynamic_stitch(ids, groups), tf.shape(images))
   return images
 
 
 def color_jitter(images, seed, *, prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
-                 hue=0.1):
+                 hue=0.1, style='reference'):
   """With probability `prob` per image, the four colour ops in a random order per image.
 
-  Brightness adds delta ~ U[-brightness, brightness]; contrast scales by U[1 - contrast,
-  1 + contrast] around each channel's mean; saturation scales HSV saturation by
-  U[1 - saturation, 1 + saturation]; hue rotates by U[-hue, hue] of a turn. Values are clipped
+  style 'reference' (the reference's TF ops): brightness adds delta ~ U[-brightness,
+  brightness]; contrast scales by U[1 - contrast, 1 + contrast] around each channel's mean;
+  saturation scales HSV saturation by U[1 - saturation, 1 + saturation]; hue rotates by
+  U[-hue, hue] of a turn. style 'torchvision' (torchvision's ColorJitter): brightness multiplies
+  by U[1 - brightness, 1 + brightness]; contrast blends with the image's mean luma, saturation
+  with each pixel's luma, by the same factor ranges; the same hue rotation. Values are clipped
   to [0, 1] after every op. Each image draws its own order and strengths.
   """
   params = sample_color_jitter(
       seed, tf.shape(images)[0], prob=prob, brightness=brightness, contrast=contrast,
-      saturation=saturation, hue=hue)
-  return apply_color_jitter(images, params)
+      saturation=saturation, hue=hue, style=style)
+  return apply_color_jitter(images, params, style)
 
 
 def to_grayscale(images, seed, prob=0.2):
@@ -245,11 +275,11 @@ def _view_ops(images, seed, *, flip_images, jitter, grayscale_prob, blur, solari
   images = tf.convert_to_tensor(images, tf.float32)
   if flip_images:
     images = flip(images, derive_seed(seed, _FLIP))
-  jitter_prob, brightness, contrast, saturation, hue = jitter
+  jitter_prob, brightness, contrast, saturation, hue, style = jitter
   if jitter_prob > 0:
     images = color_jitter(images, derive_seed(seed, _JITTER), prob=jitter_prob,
                           brightness=brightness, contrast=contrast, saturation=saturation,
-                          hue=hue)
+                          hue=hue, style=style)
   if grayscale_prob > 0:
     images = to_grayscale(images, derive_seed(seed, _GRAYSCALE), grayscale_prob)
   blur_prob, sigma_range, kernel_size = blur
@@ -275,7 +305,8 @@ def view(images, seed, augment, view_config):
   run = _traced(
       _view_ops, seed, flip_images=bool(augment.flip),
       jitter=tuple(float(v) for v in (augment.color_jitter_prob, augment.brightness,
-                                      augment.contrast, augment.saturation, augment.hue)),
+                                      augment.contrast, augment.saturation, augment.hue)) + (
+                                          color_jitter_style(augment),),
       grayscale_prob=float(augment.grayscale_prob),
       blur=(float(view_config.blur_prob), tuple(map(float, augment.blur_sigma)), kernel_size),
       solarize_prob=float(view_config.solarize_prob))
@@ -289,6 +320,15 @@ def crop_sampler(augment):
     raise ValueError(f'Unknown augment.crop_sampler {sampler!r}: choose from '
                      f'{", ".join(CROP_SAMPLERS)}.')
   return sampler
+
+
+def color_jitter_style(augment):
+  """`augment.color_jitter_style`, checked ('reference' where a config predates the setting)."""
+  style = augment.get('color_jitter_style', 'reference')
+  if style not in COLOR_JITTER_STYLES:
+    raise ValueError(f'Unknown augment.color_jitter_style {style!r}: choose from '
+                     f'{", ".join(COLOR_JITTER_STYLES)}.')
+  return style
 
 
 def eval_crop_fraction(data):
