@@ -29,7 +29,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from byol_jax import main_loop
-from byol_jax.evaluation import drivers, steps
+from byol_jax.evaluation import classifier_checkpoints, drivers, steps
 from byol_jax.evaluation import pretrained as pretrained_module
 from byol_jax.runtime import checkpointing, parallel
 
@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory):
   """A 2-step digits pretraining workdir (its final checkpoint is what evaluation reads)."""
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   config = short_run(tiny_demo_config(SIZE, batch_size=16), max_steps=2, log_every_steps=1,
-                     eval_every_steps=0)
+                     eval_every_steps=0, final_eval=False)
   main_loop.validate_config(config)
   main_loop.train_byol(config, workdir)
   return workdir
@@ -91,14 +91,17 @@ def saved_steps(workdir):
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
 
 
+SHOULD_SAVE = checkpointing.SaveSchedule.should_save
+
+
 class Crash(Exception):
   """Stands for a kill between two checkpoints (the subprocess test sends a real SIGKILL)."""
 
 
 def interrupt(monkeypatch, *, sigterm_at=None, crash_at=None):
   """Hooks SaveSchedule.should_save (called after every step): a real SIGTERM to this process
-  at `sigterm_at`, a Crash at `crash_at`."""
-  should_save = checkpointing.SaveSchedule.should_save
+  at `sigterm_at`, a Crash at `crash_at` (replacing any earlier hook)."""
+  should_save = SHOULD_SAVE
 
   def hooked(self, step):
     if step == sigterm_at:
@@ -118,6 +121,9 @@ def test_stopped_and_crashed_evaluation_resumes_to_the_uninterrupted_result(
   drivers.evaluate(config, reference)
   assert saved_steps(reference) == [6, 8]  # Every 2 steps; keep_checkpoints=2.
 
+  interrupt(monkeypatch, crash_at=1)  # Before the first checkpoint: starts again at 0.
+  with pytest.raises(Crash):
+    drivers.evaluate(config, workdir)
   handler = signal.getsignal(signal.SIGTERM)
   interrupt(monkeypatch, sigterm_at=3)
   assert drivers.evaluate(config, workdir) is None  # Saved at step 3, nothing to report yet.
@@ -142,6 +148,20 @@ def test_stopped_and_crashed_evaluation_resumes_to_the_uninterrupted_result(
   assert_trees_equal(state, reference_state)
   assert results(workdir) == results(reference)
   assert rows(workdir) == rows(reference)  # Steps 1..8 once each, then the evaluation row.
+
+
+def test_a_resumed_evaluation_forgets_the_rows_logged_after_its_checkpoint(tmp_path):
+  logged = [dict(step=1, train_loss=2.0), dict(step=2, train_loss=1.5),
+            dict(step=3, train_loss=1.2), dict(step=4, train_loss=1.0),
+            dict(step=4, validation_top1=0.5, validation_loss=1.1)]
+  text = ''.join(json.dumps(row) + '\n' for row in logged) + '{"step": 5, "train_lo'  # Cut.
+  (tmp_path / 'metrics.jsonl').write_text(text)
+  assert classifier_checkpoints.forget_logged_after(str(tmp_path), 4) == 2
+  assert rows(str(tmp_path)) == logged[:4]  # The final evaluation's row is logged again.
+  assert classifier_checkpoints.forget_logged_after(str(tmp_path), 2) == 2
+  assert rows(str(tmp_path)) == logged[:2]
+  assert classifier_checkpoints.forget_logged_after(str(tmp_path), 0) == 2
+  assert rows(str(tmp_path)) == []
 
 
 @pytest.mark.slow

@@ -25,8 +25,11 @@ What is added here:
   trained from, so that a resume never mixes a classifier trained on one encoder with another
   (`check_same_encoder` says so in one line; the path may differ, e.g. an export of the same
   step or a moved workdir, the digest may not);
-* `forget_logged_after`: the metric rows a resumed run writes again.
+* `forget_logged_after`: the metric rows a resumed run writes again (the same rule as
+  main_loop's for pretraining, for the evaluation's `train_` / `<split>_` rows).
 """
+
+import jax
 
 from byol_jax.runtime import checkpointing, integrity, metrics
 
@@ -67,11 +70,16 @@ def check_same_encoder(workdir: str, config):
 
 
 def forget_logged_after(workdir: str, step: int) -> int:
-  """Drops the rows of WORKDIR/metrics.jsonl logged after the checkpoint of `step` was saved:
-  those of later steps, and at `step` itself every row but training's (logged before the
-  save; the evaluation row of the final step comes after it). The resumed run writes them again.
-  """
+  """Drops the rows of WORKDIR/metrics.jsonl logged after the checkpoint of `step` was saved
+  (the resumed run, or at step 0 the fresh one, logs them again; main_loop does the same for
+  pretraining): those of later steps, and at `step` itself every row but training's (logged
+  before the save; the evaluation row of the final step comes after it). Call it before the
+  MetricWriter opens the file; its `restart(step)` tells TensorBoard the same."""
   def after(row):
     logged = row.get('step', 0)
     return logged > step or (logged == step and not any(k.startswith('train_') for k in row))
-  return metrics.drop_rows(workdir, after) if step > 0 else 0
+  dropped = metrics.drop_rows(workdir, after)
+  if dropped and jax.process_index() == 0:
+    print(f'metrics.jsonl: dropped {dropped} rows logged after step {step}; they are logged '
+          f'again as the run repeats those steps.', flush=True)
+  return dropped

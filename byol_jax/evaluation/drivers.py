@@ -235,6 +235,7 @@ def train_classifier(config, model_config, params, bn_state, workdir: str):
       config, 'train', config.batch_size // jax.process_count(), start_step=start_step,
       indices=subset)
   writer = metrics.MetricWriter(workdir, total, config.batch_size)
+  writer.restart(start_step)  # TensorBoard, too, forgets what was logged after the checkpoint.
   save_schedule = checkpointing.SaveSchedule(config, sync_every=config.log_every_steps)
   try:
     state = _train_steps(config, step_fn, state, batches, mesh, writer, start_step, total,
