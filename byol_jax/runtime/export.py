@@ -46,7 +46,6 @@ import re
 import zipfile
 from typing import Optional
 
-import haiku as hk
 import jax
 import ml_collections
 import numpy as np

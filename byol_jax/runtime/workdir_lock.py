@@ -249,7 +249,7 @@ class WorkdirLock:
     other_host = holder.get('hostname') != socket.gethostname()
     how = ('stop that run, or, if it is gone (its host cannot be checked from here), '
            f'{self.override_hint}' if other_host else
-           f'stop that run first, or use another workdir')
+           'stop that run first, or use another workdir')
     return WorkdirInUse(f'workdir {self.workdir} is in use by {self._describe(holder)}; '
                         f'{how}.', holder)
 
