@@ -313,22 +313,22 @@ def view(images, seed, augment, view_config):
   return tf.ensure_shape(run(images, seed), images.shape)
 
 
+def _checked_choice(augment, key: str, choices) -> str:
+  """`augment.<key>`, checked ('reference' where a config predates the setting)."""
+  value = augment.get(key, 'reference')
+  if value not in choices:
+    raise ValueError(f'Unknown augment.{key} {value!r}: choose from {", ".join(choices)}.')
+  return value
+
+
 def crop_sampler(augment):
-  """`augment.crop_sampler`, checked ('reference' where a config predates the setting)."""
-  sampler = augment.get('crop_sampler', 'reference')
-  if sampler not in CROP_SAMPLERS:
-    raise ValueError(f'Unknown augment.crop_sampler {sampler!r}: choose from '
-                     f'{", ".join(CROP_SAMPLERS)}.')
-  return sampler
+  """`augment.crop_sampler`: one clipped draw ('reference') or torchvision's 10 tries."""
+  return _checked_choice(augment, 'crop_sampler', CROP_SAMPLERS)
 
 
 def color_jitter_style(augment):
-  """`augment.color_jitter_style`, checked ('reference' where a config predates the setting)."""
-  style = augment.get('color_jitter_style', 'reference')
-  if style not in COLOR_JITTER_STYLES:
-    raise ValueError(f'Unknown augment.color_jitter_style {style!r}: choose from '
-                     f'{", ".join(COLOR_JITTER_STYLES)}.')
-  return style
+  """`augment.color_jitter_style`: the reference's ops or torchvision's ColorJitter."""
+  return _checked_choice(augment, 'color_jitter_style', COLOR_JITTER_STYLES)
 
 
 def eval_crop_fraction(data):
