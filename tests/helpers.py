@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (tests/ is on sys.path under pytest)."""
 
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -90,3 +92,20 @@ def assert_trees_close(got, want, atol_fraction, what, scale_of=None):
         scale = scale_of(module, name, want) or scale
       np.testing.assert_allclose(actual, expected, rtol=0, atol=atol_fraction * scale,
                                  err_msg=where)
+
+
+def sigterm_once_logged(process, read_rows, step, timeout=600):
+  """SIGTERMs a run once `read_rows()` shows `step`; returns (output, step it stopped at, line).
+
+  The run must exit 0 with one 'Stopped by SIGTERM at step N: ...' line.
+  """
+  deadline = time.time() + timeout
+  while not any(row['step'] == step for row in read_rows()):
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    assert time.time() < deadline, f'the resumed run did not reach step {step} in time'
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=timeout)
+  assert process.returncode == 0, output[-3000:]
+  [line] = [l for l in output.splitlines() if l.startswith('Stopped by SIGTERM')]
+  return output, int(line.split(' at step ')[1].split(':')[0]), line

@@ -11,13 +11,12 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import set_overrides  # tests/helpers.py
+from helpers import set_overrides, sigterm_once_logged  # tests/helpers.py
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import byol  # configs/byol.py (conftest puts configs/ on the path).
@@ -434,17 +433,8 @@ def test_sigkill_and_sigterm_then_resume_equals_uninterrupted_run(tmp_path, unin
   process = subprocess.Popen(main_loop_command(workdir, driver=True), cwd=REPO,
                              env=run_env(SLOW_AFTER_STEP='12'),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 600
-  while not any(row['step'] == 12 for row in metric_rows(workdir)):
-    assert process.poll() is None, process.stdout.read()[-3000:]
-    assert time.time() < deadline, 'the resumed run did not reach step 12 in time'
-    time.sleep(0.1)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=600)
-  assert process.returncode == 0, output[-3000:]
+  output, stopped_at, line = sigterm_once_logged(process, lambda: metric_rows(workdir), 12)
   assert f'Resuming from checkpoint {workdir}/checkpoints/8 (step 8)' in output
-  [line] = [l for l in output.splitlines() if l.startswith('Stopped by SIGTERM')]
-  stopped_at = int(line.split(' at step ')[1].split(':')[0])
   assert 12 < stopped_at < 16, line
   assert f'checkpoint saved to {workdir}/checkpoints/{stopped_at}. Rerun' in line
   assert saved_steps(workdir) == [8, stopped_at]

@@ -18,10 +18,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import eval as eval_configs  # configs/eval.py (tests/conftest.py puts configs/ on the path).
-from helpers import set_overrides, short_run, tiny_demo_config  # tests/helpers.py
+from helpers import set_overrides, short_run, sigterm_once_logged, tiny_demo_config  # tests/helpers.py
 from test_checkpointing import DRIVER, run_env  # The main_loop driver with kill hooks.
 import jax
 import numpy as np
@@ -233,17 +232,8 @@ def test_sigkill_and_sigterm_then_resume_equals_the_uninterrupted_evaluation(pre
   process = subprocess.Popen(command(pretrained, workdir, driver=True), cwd=REPO,
                              env=run_env(SLOW_AFTER_STEP='3'), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 600
-  while not any(row['step'] == 4 for row in rows(workdir)):
-    assert process.poll() is None, process.stdout.read()[-3000:]
-    assert time.time() < deadline, 'the resumed run did not reach step 4 in time'
-    time.sleep(0.1)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=600)
-  assert process.returncode == 0, output[-3000:]
+  output, stopped_at, line = sigterm_once_logged(process, lambda: rows(workdir), 4)
   assert f'Resuming from checkpoint {workdir}/checkpoints/2 (step 2).' in output
-  [line] = [l for l in output.splitlines() if l.startswith('Stopped by SIGTERM')]
-  stopped_at = int(line.split(' at step ')[1].split(':')[0])
   assert 4 <= stopped_at < TOTAL, line
   assert f'checkpoint saved to {workdir}/checkpoints/{stopped_at}. Rerun' in line
   assert not os.path.exists(os.path.join(workdir, 'eval_results.json'))
