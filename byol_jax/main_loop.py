@@ -208,6 +208,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from byol_jax.runtime import xla_cpu_flags  # Faster CPU convolutions; set before JAX starts.
+  xla_cpu_flags.restart_with_huge_pages()  # Re-executes this program once (see there).
   xla_cpu_flags.configure()
   _define_flags()
   config_errors.run(main)  # app.run, with one line for a bad --config. key.

@@ -172,6 +172,59 @@ def test_xla_cpu_flags_in_a_fresh_process():
   assert out.strip().splitlines()[-1] == '1'
 
 
+def test_huge_pages_restart_follows_the_same_rules():
+  """Opt-out, the user's tunable, a preloaded allocator, accelerators, old glibc, THP off and
+  an unknown command line all mean no restart; otherwise 'restart'."""
+  cpu = {'JAX_PLATFORMS': 'cpu'}
+  facts = dict(glibc=(2, 36), thp_mode='madvise', argv=['python', 'x.py'])
+  decide = xla_cpu_flags.huge_pages_decision
+  assert decide(cpu, **facts) == 'restart'
+  assert decide({**cpu, 'GLIBC_TUNABLES': 'glibc.malloc.check=3'}, **facts) == 'restart'
+  for environ, changed, reason in (
+      ({**cpu, xla_cpu_flags.OPT_OUT_ENV: '0'}, {}, 'turns it off'),
+      ({**cpu, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, {}, 'already names'),
+      ({**cpu, 'LD_PRELOAD': 'libjemalloc.so'}, {}, 'LD_PRELOAD'),
+      ({'JAX_PLATFORMS': 'cuda'}, {}, 'accelerator'),
+      (cpu, dict(glibc=(2, 31)), 'glibc >= 2.35'),
+      (cpu, dict(thp_mode='never'), 'never'),
+      (cpu, dict(argv=[]), 'command line')):
+    decision = decide(environ, **{**facts, **changed})
+    assert decision.startswith('not set') and reason in decision, decision
+  assert decide({**cpu, xla_cpu_flags.RESTARTED_ENV: '1'}, **facts).startswith('set')
+
+
+_RESTART_PROBE = """
+import os, sys
+from byol_jax.runtime import xla_cpu_flags as x
+print('run', os.getpid(), sys.argv[1:], flush=True)
+print(x.restart_with_huge_pages())
+print(os.environ.get('GLIBC_TUNABLES'))
+"""
+
+
+def test_restart_with_huge_pages_reexecutes_once_with_the_same_arguments():
+  """The program runs again from the start in the same process (same pid, same arguments) with
+  the tunable added to the user's GLIBC_TUNABLES, and says so; it never restarts twice."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('LD_PRELOAD', xla_cpu_flags.OPT_OUT_ENV, xla_cpu_flags.RESTARTED_ENV)}
+  env.update(JAX_PLATFORMS='cpu', GLIBC_TUNABLES='glibc.malloc.check=0')
+  expected = xla_cpu_flags.huge_pages_decision(env)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  lines = subprocess.run([sys.executable, '-c', _RESTART_PROBE, 'a b', '--c=1'], check=True,
+                         capture_output=True, text=True, timeout=120, cwd=repo,
+                         env=env).stdout.strip().splitlines()
+  if expected != 'restart':
+    assert lines[1] == expected and lines[2] == 'glibc.malloc.check=0'
+    pytest.skip(f'no restart on this machine: {expected}')
+  runs = [line.split(' ', 2) for line in lines if line.startswith('run ')]
+  assert len(runs) == 2 and runs[0] == runs[1]  # Same pid and arguments, twice, no more.
+  assert runs[0][2] == "['a b', '--c=1']"
+  assert lines[-2].startswith('set (restarted')
+  assert lines[-1] == 'glibc.malloc.check=0:' + xla_cpu_flags.HUGE_PAGES_TUNABLE
+
+
 # ------------------------------------------------------------------------------------------
 # Evaluation from the checkpoint alone: the data description is the pretraining run's.
 
