@@ -13,8 +13,11 @@ pipeline). Each timed step ends with `block_until_ready`; images/s = batch / med
 
 `--encoder` is resnet18/34/50/101/152/200 (ImageNet stem: 7x7/2 conv + max-pool) or tiny; a
 `_cifar` suffix selects the CIFAR stem (3x3 stride 1, no max-pool). The last line printed is JSON
-with images_per_s (batch / median warm step time), the configuration, the jax version, the
-XLA_FLAGS in force and peak memory (max RSS of this process).
+with images_per_s (batch / median warm step time), median CPU seconds per step (all threads;
+steadier than wall time on a shared machine), the configuration, the jax version, the XLA_FLAGS
+in force, whether the run restarted with huge pages (as main_loop does; see
+byol_jax/runtime/xla_cpu_flags.py) and peak memory (max RSS of this process).
+experiments/benchmark_vs_torch.py runs it beside the PyTorch yardstick for every issue row.
 """
 
 import argparse
@@ -51,7 +54,8 @@ def parse_args(argv=None):
                  help='Stop after the warm step that ends this long after the warmup (at least '
                       'one warm step is timed; the PyTorch yardstick does the same).')
   p.add_argument('--no_xla_cpu_flags', action='store_true',
-                 help="Do not add the project's XLA:CPU flags (byol_jax/runtime/xla_cpu_flags.py).")
+                 help="Do not add the project's XLA:CPU flags nor restart with huge pages "
+                      "(byol_jax/runtime/xla_cpu_flags.py).")
   p.add_argument('--json_out', default='', help='Also write the JSON record to this file.')
   args = p.parse_args(argv)
   if args.warmup_steps < 1 or args.steps < 1:
@@ -122,9 +126,9 @@ def main(argv=None):
       labels=rng.integers(0, config.num_classes, (config.batch_size,)).astype(np.int32)), mesh)
              for _ in range(2)]
 
-  times, first_s, start = [], None, None
+  times, cpu_times, first_s, start = [], [], None, None
   for i in range(args.warmup_steps + args.steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = step_fn(state, batches[i % 2])
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - t0
@@ -134,6 +138,7 @@ def main(argv=None):
       start = time.perf_counter()
     if i >= args.warmup_steps:
       times.append(elapsed)
+      cpu_times.append(time.process_time() - c0)
       if time.perf_counter() - start > args.max_seconds:
         break
   loss = float(np.asarray(metrics['loss']))
@@ -146,8 +151,12 @@ def main(argv=None):
       platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind,
       jax=jax.__version__, jaxlib=__import__('jaxlib').__version__,
       xla_flags=os.environ.get('XLA_FLAGS', ''), xla_cpu_flags=flags_decision,
+      huge_pages=xla_cpu_flags.huge_pages_decision(os.environ),
       steps=len(times), median_step_s=round(median, 4),
       min_step_s=round(min(times), 4), max_step_s=round(max(times), 4),
+      # CPU seconds of all this process's threads per step: less sensitive than wall time to
+      # other programs on the machine (both cores busy = 2 CPU-s per wall second).
+      median_step_cpu_s=round(statistics.median(cpu_times), 4),
       first_step_s=round(first_s, 2), init_s=round(init_s, 2), params=params,
       loss=round(loss, 4), peak_rss_bytes=peak_rss_bytes(),
       peak_rss_gb=round(peak_rss_bytes() / 1e9, 3),
@@ -167,4 +176,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  if '--no_xla_cpu_flags' not in sys.argv:
+    xla_cpu_flags.restart_with_huge_pages()  # Re-executes this script once (see there).
   main()
