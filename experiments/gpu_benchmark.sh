@@ -15,7 +15,10 @@
 #   BENCH_ARGS='--encoder=tiny --image_size=16 --hidden_size=64 --steps=2' bash experiments/gpu_benchmark.sh).
 # Writes $OUT/gpu_benchmark.jsonl (one benchmark_step.py JSON record per run, or an error
 # record) and $OUT/gpu_benchmark.log; prints a summary table at the end.
-# Target (issue #7): >= 2,500 images/s for bfloat16 at batch 256.
+# Target (issue #7): >= 2,500 images/s for bfloat16 at batch 256. When the machine's python has a
+# CUDA PyTorch, the PyTorch yardstick (experiments/torch_byol_step_r50.py --device cuda, bf16
+# autocast and float32, NCHW and channels_last) runs between the JAX runs on the same shapes,
+# and the summary prints JAX / best PyTorch (TORCH_ARGS overrides its model and timing flags).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp/byol_gpu_benchmark}
@@ -50,45 +53,77 @@ print('devices', jax.devices())
 assert 'tensorflow' not in sys.modules
 EOF
 
-# 2. Runs, most important first; a run starts only while the budget lasts.
+# 2. Runs, most important first; a run starts only while the budget lasts. "jax|flags" runs
+# benchmark_step.py with BENCH_ARGS; "torch|flags" runs the PyTorch yardstick on the same GPU at
+# the same shapes (experiments/torch_byol_step_r50.py: ResNet-50, 224 px, 4096-wide heads), if
+# this Python has a CUDA torch: the side-by-side comparison.
+TORCH_ARGS=${TORCH_ARGS:---arch r50 --size 224 --steps 20 --max_seconds 60 --device cuda}
 RUNS=(
-  "--compute_dtype=bfloat16 --batch_size=256"
-  "--compute_dtype=float32 --batch_size=256"
-  "--compute_dtype=bfloat16 --batch_size=512"
+  "jax|--compute_dtype=bfloat16 --batch_size=256"
+  "torch|--bf16 --channels_last --batch 256"
+  "torch|--bf16 --batch 256"
+  "jax|--compute_dtype=float32 --batch_size=256"
+  "torch|--channels_last --batch 256"
+  "jax|--compute_dtype=bfloat16 --batch_size=512"
 )
-for flags in "${RUNS[@]}"; do
-  elapsed=$(( $(date +%s) - START ))
-  if (( elapsed + RUN_TIMEOUT_S > BUDGET_S )); then
-    echo "== skipped (budget): $flags"
-    echo "{\"skipped\": \"$flags\", \"reason\": \"budget\"}" >> "$RESULTS"
+HAS_TORCH=0
+"$PY" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && HAS_TORCH=1
+for run in "${RUNS[@]}"; do
+  impl=${run%%|*}
+  flags=${run#*|}
+  if [[ $impl == torch && $HAS_TORCH == 0 ]]; then
     continue
   fi
-  echo "== $(date +%T) $BENCH_ARGS $flags"
-  line=$(timeout "$RUN_TIMEOUT_S" "$PY" experiments/benchmark_step.py $BENCH_ARGS $flags | tail -1)
+  elapsed=$(( $(date +%s) - START ))
+  if (( elapsed + RUN_TIMEOUT_S > BUDGET_S )); then
+    echo "== skipped (budget): $impl $flags"
+    echo "{\"skipped\": \"$impl $flags\", \"reason\": \"budget\"}" >> "$RESULTS"
+    continue
+  fi
+  if [[ $impl == jax ]]; then
+    cmd="experiments/benchmark_step.py $BENCH_ARGS $flags"
+  else
+    cmd="experiments/torch_byol_step_r50.py $TORCH_ARGS $flags"
+  fi
+  echo "== $(date +%T) $cmd"
+  line=$(timeout "$RUN_TIMEOUT_S" "$PY" $cmd | tail -1)
   rc=$?
   if [[ "$line" == \{* ]]; then
     echo "$line" >> "$RESULTS"
     echo "$line"
   else
-    echo "{\"failed\": \"$flags\", \"rc\": $rc}" >> "$RESULTS"
-    echo "== failed (rc $rc): $flags"
+    echo "{\"failed\": \"$impl $flags\", \"rc\": $rc}" >> "$RESULTS"
+    echo "== failed (rc $rc): $impl $flags"
   fi
 done
 
 # 3. Summary.
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
-print(f"{'dtype':10} {'batch':>5} {'images/s':>10} {'step ms':>8} {'first s':>8} {'GPU peak GB':>11}")
-for line in open(sys.argv[1]):
-  r = json.loads(line)
+records = [json.loads(line) for line in open(sys.argv[1])]
+print(f"{'impl':6} {'dtype':9} {'layout':6} {'batch':>5} {'images/s':>10} {'step ms':>8} "
+      f"{'first s':>8} {'GPU peak GB':>11}")
+best = {}  # (dtype, batch) -> best PyTorch images/s over the two memory formats
+for r in records:
   if 'images_per_s' not in r:
     print(r)
     continue
-  peak = r.get('device_peak_bytes', 0) / 1e9
-  print(f"{r['compute_dtype']:10} {r['batch_size']:5d} {r['images_per_s']:10.1f} "
+  if r.get('impl') == 'torch':
+    dtype, batch = ('bfloat16' if r['bf16'] else 'float32'), r['batch']
+    layout, peak, impl = ('NHWC' if r['channels_last'] else 'NCHW'), float('nan'), 'torch'
+    best[dtype, batch] = max(best.get((dtype, batch), 0), r['images_per_s'])
+  else:
+    dtype, batch, layout, impl = r['compute_dtype'], r['batch_size'], 'NHWC', 'jax'
+    peak = r.get('device_peak_bytes', 0) / 1e9
+  print(f"{impl:6} {dtype:9} {layout:6} {batch:5d} {r['images_per_s']:10.1f} "
         f"{1e3 * r['median_step_s']:8.1f} {r['first_step_s']:8.1f} {peak:11.1f}")
-  if r['compute_dtype'] == 'bfloat16' and r['batch_size'] == 256:
-    print(f"   target >= 2500 images/s (bf16, batch 256): "
-          f"{'met' if r['images_per_s'] >= 2500 else 'NOT met'}")
+for r in records:
+  if 'images_per_s' in r and r.get('impl') != 'torch':
+    key = (r['compute_dtype'], r['batch_size'])
+    if key in best:
+      print(f"   JAX / best PyTorch ({key[0]}, batch {key[1]}): {r['images_per_s'] / best[key]:.2f}x")
+    if key == ('bfloat16', 256):
+      print(f"   target >= 2500 images/s (bf16, batch 256): "
+            f"{'met' if r['images_per_s'] >= 2500 else 'NOT met'}")
 EOF
 echo "== done in $(( $(date +%s) - START ))s; results in $RESULTS"

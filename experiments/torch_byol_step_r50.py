@@ -7,7 +7,9 @@ byol_jax's (1x1 -> 3x3 with the stride -> 1x1, expansion 4, a projection shortcu
 block of every stage, stages (3, 4, 6, 3), 2048-d features into the same heads; ImageNet stem).
 experiments/benchmark_vs_torch.py runs this file for every row, so all rows use one yardstick
 (diff it against the shared file to check: apart from this docstring, only the lines marked
-`# r50` differ). The shared file's own docstring follows unchanged.
+`# r50` and `# gpu` differ). `--device cuda` and `--bf16` (autocast) are for the GPU side of
+experiments/gpu_benchmark.sh; the default (CPU, float32) is the shared file's behaviour. The
+shared file's own docstring follows unchanged.
 """
 """PyTorch BYOL training step on random data: the side-by-side yardstick for step throughput.
 
@@ -37,6 +39,8 @@ p.add_argument("--max_seconds", type=float, default=120)
 p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNet-18")
 p.add_argument("--hidden", type=int, default=4096, help="projector/predictor hidden size")
 p.add_argument("--channels_last", action="store_true", help="NHWC memory format (often faster on CPU)")
+p.add_argument("--device", default="cpu", help="cpu or cuda")  # gpu
+p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")  # gpu
 args = p.parse_args()
 torch.manual_seed(0)
 
@@ -120,7 +124,7 @@ class Online(nn.Module):
         self.pred = mlp(256, args.hidden, 256)
 
 
-online = Online()
+online = Online().to(args.device)  # gpu
 if args.channels_last:
     online = online.to(memory_format=torch.channels_last)
 target = copy.deepcopy(online)
@@ -137,12 +141,15 @@ def regression(q, z):
 
 
 def step(v1, v2):
+    autocast = torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.bf16)  # gpu
+    autocast.__enter__()  # gpu
     q1 = online.pred(online.proj(online.enc(v1)))
     q2 = online.pred(online.proj(online.enc(v2)))
     with torch.no_grad():
         z1 = target.proj(target.enc(v1))
         z2 = target.proj(target.enc(v2))
     loss = (regression(q1, z2) + regression(q2, z1)).mean()
+    autocast.__exit__(None, None, None)  # gpu
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -154,15 +161,18 @@ def step(v1, v2):
 
 shape = (args.batch, 3, args.size, args.size)
 fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-rand = lambda: torch.rand(shape).contiguous(memory_format=fmt)
+rand = lambda: torch.rand(shape, device=args.device).contiguous(memory_format=fmt)  # gpu
+sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)  # gpu
 t0 = time.time()
 step(rand(), rand())
+sync()  # gpu
 first = time.time() - t0
 times, start = [], time.time()
 for i in range(args.steps):
     v1, v2 = rand(), rand()
     t0 = time.time()
     loss = step(v1, v2)
+    sync()  # gpu
     times.append(time.time() - t0)
     if time.time() - start > args.max_seconds:
         break
@@ -170,6 +180,6 @@ times.sort()
 median = times[len(times) // 2]
 print(json.dumps({"impl": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "arch": args.arch, "width": args.width, "hidden": args.hidden,
-                  "channels_last": args.channels_last, "size": args.size, "batch": args.batch, "steps": len(times),
+                  "channels_last": args.channels_last, "device": args.device, "bf16": args.bf16, "size": args.size, "batch": args.batch, "steps": len(times),  # gpu
                   "first_step_s": round(first, 3), "median_step_s": round(median, 4),
                   "images_per_s": round(args.batch / median, 2)}))
