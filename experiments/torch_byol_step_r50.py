@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 p = argparse.ArgumentParser()
-p.add_argument("--arch", default="r18_cifar", choices=["r18_cifar", "r18_imagenet", "r50"])
+p.add_argument("--arch", default="r18_cifar", choices=["r18_cifar", "r18_imagenet", "r50"])  # r50
 p.add_argument("--size", type=int, default=32)
 p.add_argument("--batch", type=int, default=256)
 p.add_argument("--steps", type=int, default=5)
@@ -119,7 +119,7 @@ class Online(nn.Module):
     def __init__(self):
         super().__init__()
         self.enc = (ResNet50(args.width) if args.arch == "r50" else  # r50
-                    ResNet18(args.arch == "r18_cifar", args.width))
+                    ResNet18(args.arch == "r18_cifar", args.width))  # r50
         self.proj = mlp(self.enc.out, args.hidden, 256)
         self.pred = mlp(256, args.hidden, 256)
 
