@@ -227,8 +227,9 @@ def test_eval_crop_fraction_outside_0_1_is_one_clear_line(fraction):
 def test_eval_crop_fraction_of_the_presets():
   fractions = {preset: augmentations.eval_crop_fraction(byol.get_config(preset).data)
                for preset in ('imagenet', 'cifar10', 'cifar10_cpu', 'demo')}
-  # The reference's centre crop for ImageNet; whole images for the small-image presets.
-  assert fractions == dict(imagenet=0.875, cifar10=1.0, cifar10_cpu=1.0, demo=1.0)
+  # The reference's centre crop for ImageNet and digits (measured better there); whole images
+  # for the CIFAR presets, as CIFAR peers evaluate.
+  assert fractions == dict(imagenet=0.875, cifar10=1.0, cifar10_cpu=1.0, demo=0.875)
   # A config that predates the setting is evaluated as it was: the reference's crop.
   old = byol.get_config('cifar10').data.to_dict()
   del old['eval_crop_fraction']
