@@ -1,0 +1,116 @@
+r"""One 3x3 stride-1 convolution's forward, weight gradient and input gradient: XLA:CPU beside
+PyTorch (channels_last, the faster format on CPU), per feature-map size and channel count.
+
+Where the BYOL step loses to PyTorch on CPU (issue #13): at the `cifar10_cpu` shapes the
+encoder's forward is close to PyTorch's and its backward is not, and the weight gradient of
+the narrow, large-map layers is the worst of the three. Default shapes: the four stages of
+ResNet-18 x0.25 (CIFAR stem) at batch 64.
+
+    python experiments/benchmark_conv_grads.py
+    python experiments/benchmark_conv_grads.py --shapes=32x64,16x128 --batch=256
+
+Each time is the median of --reps calls after one warm-up call (JAX: jitted, block_until_ready;
+PyTorch: torch.no_grad, aten.convolution_backward with one output mask). The last line is JSON
+with every time in ms and JAX / PyTorch per op (> 1: JAX slower). PyTorch is optional.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--shapes', default='32x16,16x32,8x64,4x128',
+                 help='Comma-separated SIZExCHANNELS: square maps, channels in = out.')
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--reps', type=int, default=21)
+  return p.parse_args(argv)
+
+
+def median_ms(fn, reps):
+  fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return round(1e3 * sorted(times)[len(times) // 2], 3)
+
+
+def jax_times(size, channels, batch, reps):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jax.numpy.asarray(rng.random((batch, size, size, channels), np.float32))
+  w = jax.numpy.asarray(rng.random((3, 3, channels, channels), np.float32))
+  dy = jax.numpy.ones_like(x)
+
+  def conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  ops = dict(forward=jax.jit(conv),
+             weight_grad=jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[1]),
+             input_grad=jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[0]))
+  args = dict(forward=(x, w), weight_grad=(x, w, dy), input_grad=(x, w, dy))
+  return {name: median_ms(lambda f=f, a=args[name]: jax.block_until_ready(f(*a)), reps)
+          for name, f in ops.items()}
+
+
+def torch_times(size, channels, batch, reps):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  fmt = torch.channels_last
+  x = torch.rand(batch, channels, size, size).contiguous(memory_format=fmt)
+  w = torch.rand(channels, channels, 3, 3).contiguous(memory_format=fmt)
+  dy = torch.ones_like(F.conv2d(x, w, padding=1))
+
+  def backward(mask):
+    return lambda: torch.ops.aten.convolution_backward(
+        dy, x, w, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, mask)
+
+  with torch.no_grad():
+    return dict(forward=median_ms(lambda: F.conv2d(x, w, padding=1), reps),
+                weight_grad=median_ms(backward((False, True, False)), reps),
+                input_grad=median_ms(backward((True, False, False)), reps))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from byol_jax.runtime import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+  decision = xla_cpu_flags.configure()  # Eigen convolutions, as the training entry points.
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    have_torch = True
+  except ImportError:
+    have_torch = False
+  rows = []
+  for shape in args.shapes.split(','):
+    size, channels = (int(v) for v in shape.split('x'))
+    row = dict(size=size, channels=channels, batch=args.batch,
+               jax_ms=jax_times(size, channels, args.batch, args.reps))
+    if have_torch:
+      row['torch_channels_last_ms'] = torch_times(size, channels, args.batch, args.reps)
+      row['jax_over_torch'] = {k: round(v / row['torch_channels_last_ms'][k], 2)
+                               for k, v in row['jax_ms'].items()}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  print(json.dumps(dict(rows=rows, xla_cpu_flags=decision,
+                        xla_flags=os.environ.get('XLA_FLAGS', ''),
+                        huge_pages=os.environ.get(xla_cpu_flags.RESTARTED_ENV) is not None,
+                        cpus=os.cpu_count(), loadavg_1m=round(os.getloadavg()[0], 2),
+                        date=time.strftime('%Y-%m-%d %H:%M:%S'))))
+
+
+if __name__ == '__main__':
+  from byol_jax.runtime import xla_cpu_flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.restart_with_huge_pages()  # Re-executes this program once (see there).
+  main()
