@@ -41,9 +41,9 @@ Presets (the part after the colon; default `imagenet`):
 
 * `demo` — a complete offline run on scikit-learn's handwritten digits (1,797 real 8x8 images,
   upsampled to 16 px), a narrow CIFAR-stem ResNet-18, 1,171 steps (4m21s-4m53s including the
-  install from a clean clone on an idle 2-core machine, measured 2026-12-04). It ends with a kNN (k=20)
-  accuracy on 297 held-out digits for the BYOL encoder next to a random-init encoder of the
-  same architecture and raw pixels.
+  install from a clean clone on an idle 2-core machine, measured 2026-12-04). It ends with a
+  kNN (k=20) accuracy on 297 held-out digits for the BYOL encoder next to a random-init encoder
+  of the same architecture and raw pixels.
     python -m byol_jax.main_loop --config=configs/byol.py:demo --workdir=/tmp/byol_demo
   Expected (measured 2026-12-04, seed 0, current code, the reference's 0.875 evaluation
   crop): kNN BYOL 78.5%, random-init encoder 71.0%, raw pixels 94.6%; online classifier

@@ -22,6 +22,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from byol_jax.runtime import xla_cpu_flags  # pylint: disable=g-import-not-at-top (no JAX)
 
 
 def parse_args(argv=None):
@@ -85,7 +86,6 @@ def torch_times(size, channels, batch, reps):
 
 def main(argv=None):
   args = parse_args(argv)
-  from byol_jax.runtime import xla_cpu_flags  # pylint: disable=g-import-not-at-top
   decision = xla_cpu_flags.configure()  # Eigen convolutions, as the training entry points.
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
@@ -105,12 +105,11 @@ def main(argv=None):
     rows.append(row)
   print(json.dumps(dict(rows=rows, xla_cpu_flags=decision,
                         xla_flags=os.environ.get('XLA_FLAGS', ''),
-                        huge_pages=os.environ.get(xla_cpu_flags.RESTARTED_ENV) is not None,
+                        huge_pages=xla_cpu_flags.huge_pages_decision(os.environ),
                         cpus=os.cpu_count(), loadavg_1m=round(os.getloadavg()[0], 2),
                         date=time.strftime('%Y-%m-%d %H:%M:%S'))))
 
 
 if __name__ == '__main__':
-  from byol_jax.runtime import xla_cpu_flags as _flags  # pylint: disable=g-import-not-at-top
-  _flags.restart_with_huge_pages()  # Re-executes this program once (see there).
+  xla_cpu_flags.restart_with_huge_pages()  # Re-executes this program once (see there).
   main()
