@@ -15,6 +15,7 @@ with every time in ms and JAX / PyTorch per op (> 1: JAX slower). PyTorch is opt
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -87,11 +88,7 @@ def torch_times(size, channels, batch, reps):
 def main(argv=None):
   args = parse_args(argv)
   decision = xla_cpu_flags.configure()  # Eigen convolutions, as the training entry points.
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    have_torch = True
-  except ImportError:
-    have_torch = False
+  have_torch = importlib.util.find_spec('torch') is not None  # PyTorch is optional.
   rows = []
   for shape in args.shapes.split(','):
     size, channels = (int(v) for v in shape.split('x'))
