@@ -65,6 +65,7 @@ def validate_config(config):
   augmentations.crop_sampler(config.augment)  # Raises for an unknown sampler.
   augmentations.color_jitter_style(config.augment)  # Raises for an unknown style.
   augmentations.eval_crop_fraction(config.data)  # Raises outside (0, 1].
+  augmentations.view_size(config.augment, config.image_size)  # Raises unless an int >= 0.
 
 
 def _check_finite(step: int, metrics_at_step: dict):
@@ -99,9 +100,12 @@ def train_byol(config, workdir: str):
   experiment = byol_experiment.ByolExperiment(config, train_examples)
   total = experiment.total_steps
   if jax.process_index() == 0:
+    views = config.augment.get('view_size', 0)
     print(f'BYOL: {config.model.encoder} x{config.model.width} on {config.dataset} '
           f'({train_examples} training images), batch {config.batch_size} over '
-          f'{mesh.devices.size} devices, {total} steps.', flush=True)
+          f'{mesh.devices.size} devices, {total} steps' +
+          (f', {views} px views (evaluated at {config.image_size} px).' if views else '.'),
+          flush=True)
 
   checkpoints = checkpointing.Checkpointer(workdir, config)  # Fails now if it cannot write.
   initial_state = experiment.init(jax.random.PRNGKey(config.seed), config.image_size)

@@ -72,6 +72,10 @@ Data and evaluation settings shared by the presets (see `get_config` for every k
 * `augment.crop_sampler` — 'reference' (default): the reference's random resized crop, one
   draw clipped to the image (mean crop area ~0.51 of the image at scale [0.08, 1]);
   'torchvision': 10 tries, then a centre crop (~0.43).
+* `augment.view_size` — side in px of the pretraining views; 0 (default): `image_size`, as
+  the reference. Smaller views cost less (compute scales with the pixel count) while kNN and
+  the online classifier's evaluation still see `image_size`; the encoder is convolutional with
+  global pooling, so any size runs.
 * `eval_every_steps` (0 = off), `final_eval`, `eval_batch_size` — the online classifier (the
   linear probe trained during pretraining) evaluated as the reference's eval worker does:
   centre crops (`data.eval_crop_fraction`), inference-mode BatchNorm with the online state, top-1 / top-5 and mean
@@ -89,6 +93,7 @@ def _augment_config():
       crop_scale=(0.08, 1.0),
       crop_ratio=(3 / 4, 4 / 3),
       crop_sampler='reference',  # One draw, clipped (reference); 'torchvision': 10 tries.
+      view_size=0,  # Side of the pretraining views in px; 0: image_size (the reference).
       flip=True,
       color_jitter_prob=0.8,
       # 'reference': the reference's ops (additive brightness, per-channel-mean contrast, HSV

@@ -122,6 +122,12 @@ def test_config_differences_names_keys_and_ignores_allowed_ones():
   # A run saved before data.eval_crop_fraction existed resumes with it (evaluation only).
   del saved['data']['eval_crop_fraction']
   assert checkpointing.config_differences(saved, checkpointing.config_to_dict(tiny_config())) == []
+  # ... and one saved before augment.view_size existed trained on image_size views: it resumes
+  # with the default (0), not with smaller views.
+  del saved['augment']['view_size']
+  assert checkpointing.config_differences(saved, checkpointing.config_to_dict(tiny_config())) == []
+  assert checkpointing.config_differences(saved, checkpointing.config_to_dict(tiny_config(
+      **{'augment.view_size': 8}))) == ['augment.view_size (0 -> 8)']
 
 
 # --- Save / restore. ---------------------------------------------------------------------------

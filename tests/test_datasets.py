@@ -152,6 +152,31 @@ def test_folder_pretraining_batches_are_a_pure_function_of_seed_and_step(uniform
   assert not np.allclose(first[0]['view1'], other_seed['view1'])
 
 
+def test_view_size_shrinks_the_pretraining_views_but_not_evaluation(uniform_folder):
+  # augment.view_size (0: image_size, the reference) sets the side of the pretraining views
+  # only; evaluation batches stay at image_size.
+  config = make_config(f'folder:{uniform_folder}', plain=True)
+  config.augment.view_size = SIZE // 2
+  batch = next(datasets.pretrain_batches(config, process_index=0, process_count=1,
+                                         include_originals=True))
+  originals = batch.pop('originals')
+  assert_views(batch, 6, size=SIZE // 2)
+  assert originals.shape == (6, SIZE // 2, SIZE // 2, 3)  # The preview grid's cells match.
+  evaluation = next(datasets.eval_batches(config, 'validation', 2, process_index=0,
+                                          process_count=1))
+  assert evaluation['images'].shape == (2, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize('size', [-1, 2.5, True])
+def test_bad_view_size_is_one_clear_line(uniform_folder, size):
+  config = make_config(f'folder:{uniform_folder}')
+  with config.ignore_type():  # A config file may hold any type; the flag parser checks its own.
+    config.augment.view_size = size
+  with pytest.raises(ValueError, match='augment.view_size') as error:
+    next(datasets.pretrain_batches(config, process_index=0, process_count=1))
+  assert '\n' not in str(error.value)
+
+
 def test_two_images_of_one_batch_get_different_views(uniform_folder):
   config = make_config(f'folder:{uniform_folder}', plain=True)
   batch = next(datasets.pretrain_batches(config, process_index=0, process_count=1))

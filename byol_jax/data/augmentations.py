@@ -346,6 +346,21 @@ def eval_crop_fraction(data):
   return float(fraction)
 
 
+def view_size(augment, image_size):
+  """`augment.view_size`, checked: the side in pixels of the pretraining views.
+
+  0 (the default, and what a config that predates the setting gets): `image_size`, as the
+  reference. A smaller side trains on cheaper views (compute scales with the pixel count) while
+  evaluation still sees `image_size`: the random resized crop already enlarges objects, so
+  shrinking the views brings their apparent size closer to the evaluation images'.
+  """
+  size = augment.get('view_size', 0)
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    raise ValueError(f'augment.view_size must be a whole number of pixels >= 0 (0: the '
+                     f'pretraining views are image_size, as the reference), got {size!r}.')
+  return size or image_size
+
+
 def pretraining_crop(image, seed, augment, size):
   """The geometric part of a BYOL view for one image: `augment`'s random resized crop."""
   return random_resized_crop(

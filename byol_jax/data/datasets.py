@@ -247,13 +247,15 @@ def pretrain_batches(config, *, start_step=0, process_index=None, process_count=
   """Endless host-local batches of two BYOL views of the 'train' split.
 
   Yields {'view1', 'view2': float32 [b, S, S, 3] in [0, 1], 'labels': int32 [b] (-1 when
-  unlabelled)} with b = config.batch_size // process_count and S = config.image_size; with
-  `include_originals` also 'originals' (the centre square of each source image, for previews).
+  unlabelled)} with b = config.batch_size // process_count and S = config.augment.view_size
+  (0: config.image_size); with `include_originals` also 'originals' (the centre square of each
+  source image at the same side, for previews).
   The k-th batch yielded is training step start_step + k and depends only on (config.seed,
   step, process_index).
   """
   process_index, process_count = _process(process_index, process_count)
-  augment, size = config.augment, config.image_size
+  augment = config.augment
+  size = augmentations.view_size(augment, config.image_size)
 
   def crops(crop, center_crop):
     def crop_views(images, image_seeds):

@@ -66,6 +66,13 @@ RESUME_MAY_DIFFER = (
 )
 
 
+# Training keys added after runs were saved without them: the value that reproduces how such a
+# run trained, so that it resumes (and a different value is still a difference).
+BEHAVED_AS_WHEN_ABSENT = {
+    'augment.view_size': 0,  # Views were image_size.
+}
+
+
 class CheckpointError(ValueError):
   """A checkpoint could not be written or resumed.
 
@@ -153,7 +160,8 @@ def config_differences(saved: dict, current: dict) -> list:
   missing = '<absent>'
   differences = []
   for key in sorted(set(saved_flat) | set(current_flat)):
-    old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
+    old = saved_flat.get(key, BEHAVED_AS_WHEN_ABSENT.get(key, missing))
+    new = current_flat.get(key, missing)
     if old != new and not _may_differ(key):
       differences.append(f'{key} ({_short(old)} -> {_short(new)})')
   return differences
