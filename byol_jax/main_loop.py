@@ -92,7 +92,8 @@ def _forget_logged_after(workdir: str, step: int, total: int):
 
 
 def train_byol(config, workdir: str):
-  from byol_jax.data import datasets  # TensorFlow enters only with the input pipeline.
+  # TensorFlow enters only with the input pipeline.
+  from byol_jax.data import augmentations, datasets
 
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
@@ -100,12 +101,12 @@ def train_byol(config, workdir: str):
   experiment = byol_experiment.ByolExperiment(config, train_examples)
   total = experiment.total_steps
   if jax.process_index() == 0:
-    views = config.augment.get('view_size', 0)
+    views = augmentations.view_size(config.augment, config.image_size)
     print(f'BYOL: {config.model.encoder} x{config.model.width} on {config.dataset} '
           f'({train_examples} training images), batch {config.batch_size} over '
           f'{mesh.devices.size} devices, {total} steps' +
-          (f', {views} px views (evaluated at {config.image_size} px).' if views else '.'),
-          flush=True)
+          (f', {views} px views (evaluated at {config.image_size} px).'
+           if views != config.image_size else '.'), flush=True)
 
   checkpoints = checkpointing.Checkpointer(workdir, config)  # Fails now if it cannot write.
   initial_state = experiment.init(jax.random.PRNGKey(config.seed), config.image_size)

@@ -34,7 +34,8 @@ Presets (the part after the colon; default `imagenet`):
   images/s in training): kNN top-1 BYOL 41.4% (monitor: 35.3 / 39.5 / 41.3% at steps 1,300 /
   2,600 / 3,900), random-init encoder 24.0%, raw pixels 41.3% (seed 1: 41.9%, 26m23s). BYOL
   learns (+17.4 points over its random init) and reaches raw pixels; the issue's target (raw
-  pixels + 5) is not met in 30 minutes on this machine. 32 px views for the same 30 minutes (3,000 steps): 39.2%.
+  pixels + 5) is not met in 30 minutes on this machine. 32 px views for the same 30 minutes
+  (3,000 steps): 39.2%.
   The 1,400-step comparison with the PyTorch peer (34.6% at 1,400 steps, 32 px views):
     ... --config.max_steps=1400 --config.knn_every_steps=350 --config.augment.view_size=0 \
         --config.seed=0   (and seed=1)
