@@ -18,3 +18,12 @@ def test_prints_every_op_for_every_shape():
     assert all(ms > 0 for ms in row['jax_ms'].values())
     if 'torch_channels_last_ms' in row:  # PyTorch is optional.
       assert set(row['jax_over_torch']) == set(row['jax_ms'])
+
+
+def test_weight_grad_variants_agree_with_xla_and_are_timed():
+  done = subprocess.run([sys.executable, SCRIPT, '--shapes=5x3', '--batch=2', '--reps=1',
+                         '--weight_grad_variants'],
+                        capture_output=True, text=True, check=True, timeout=300)
+  (row,) = json.loads(done.stdout.strip().splitlines()[-1])['rows']
+  assert {'weight_grad_shifted_dots', 'weight_grad_im2col',
+          'weight_grad_gemm_only'} <= set(row['jax_ms'])
