@@ -179,3 +179,17 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
   lock.release()
   assert workdir_lock.read_lock(str(tmp_path))['token'] == 'someone else'
   assert 'leaving it' in messages[0]
+
+
+def test_finalizer_works_when_module_globals_are_gone(tmp_path, monkeypatch):
+  # At interpreter shutdown a module's globals may already be None when a lock that was never
+  # released is collected; the finalizer must still drop the file descriptor, silently.
+  lock = WorkdirLock(str(tmp_path))
+  lock.acquire()
+  fd = lock._fd
+  monkeypatch.setattr(workdir_lock, 'os', None)
+  lock.__del__()
+  monkeypatch.undo()
+  with pytest.raises(OSError):
+    os.fstat(fd)  # Closed by the finalizer.
+  lock._fd = None

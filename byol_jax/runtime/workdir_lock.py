@@ -341,9 +341,12 @@ class WorkdirLock:
     self.release()
     return False
 
-  def __del__(self):
+  def __del__(self, _close=os.close):
+    # `_close` is bound at definition: at interpreter shutdown the module's `os` may already be
+    # None, and a lock never released (a script that did not close its Checkpointer) would
+    # print an AttributeError traceback on exit.
     if getattr(self, '_fd', None) is not None:
       try:
-        os.close(self._fd)
+        _close(self._fd)
       except OSError:
         pass
