@@ -33,7 +33,8 @@ Presets (the part after the colon; default `imagenet`):
   Expected (measured 2026-12-05, seed 0, 27m31s wall on an idle 2-core Intel Xeon VM, 190-230
   images/s in training): kNN top-1 BYOL 40.0% (monitor: 35.2 / 38.4 / 39.8% at steps 1,125 /
   2,250 / 3,375), random-init encoder 24.0%, raw pixels 41.3%. BYOL learns (+16 points over its
-  random init) but stays 1.3 points below raw pixels; the issue's target (raw pixels + 5) is not
+  random init) but stays 1.3 points below raw pixels (seed 1: 40.0%, 30m28s on a slower
+  run of the same VM); the issue's target (raw pixels + 5) is not
   met in 30 minutes. The earlier 5,200 steps (41.4 / 41.9%, seeds 0 / 1, 26m27s on the AMD EPYC
   VM) took 31m50s on the Intel VM, over the budget: `--config.max_steps=5200` where the machine
   allows it.
