@@ -267,7 +267,7 @@ def get_config(preset='imagenet'):
     # took 26m27s on an AMD EPYC VM (240-280 images/s) but 31m50s on an Intel Xeon VM (~210
     # images/s in training, 26.4 min, plus ~5.5 min of start-up, three kNN monitors, the online
     # classifier's evaluation and the final kNN with its two baselines). 4,500 steps (6.4
-    # epochs): 27m31s on the Intel VM (2026-12-05), ~23 min on the AMD one by its speed.
+    # epochs): 27m31s on the Intel VM (2026-12-05); on the AMD one ~23 min estimated, not run.
     config.max_steps = 4_500
     config.data.validation_examples = 5_000  # The first 500 images of each class.
     config.data.eval_crop_fraction = 1.0  # Whole 32 px images, as CIFAR peers evaluate.
