@@ -45,15 +45,15 @@ Presets (the part after the colon; default `imagenet`):
 
 * `demo` — a complete offline run on scikit-learn's handwritten digits (1,797 real 8x8 images,
   upsampled to 16 px), a narrow CIFAR-stem ResNet-18, 1,171 steps (4m21s-4m53s including the
-  install from a clean clone on an idle 2-core AMD VM, measured 2026-12-04; 6m14s on an Intel one). It ends with a
-  kNN (k=20) accuracy on 297 held-out digits for the BYOL encoder next to a random-init encoder
-  of the same architecture and raw pixels.
+  install from a clean clone on an idle 2-core AMD VM, measured 2026-12-04; 4m48s-6m14s on an Intel
+  one). It ends with a kNN (k=20) accuracy on 297 held-out digits for the BYOL encoder next to a
+  random-init encoder of the same architecture and raw pixels.
     python -m byol_jax.main_loop --config=configs/byol.py:demo --workdir=/tmp/byol_demo
   Expected (measured 2026-12-04, seed 0, current code, the reference's 0.875 evaluation
   crop): kNN BYOL 78.5%, random-init encoder 71.0%, raw pixels 94.6%; online classifier
   46.5% top-1 on the hold-out; the loss falls from ~3.9 to ~1.8. BYOL learns (+7.5 points
   over its random init) but stays below raw pixels on digits. On an Intel Xeon VM (other float32
-  rounding; 2026-12-05, 6m14s with the install): BYOL 74.1%, random init 71.0%, raw pixels
+  rounding; 2026-12-05, 4m48s-6m14s with the install): BYOL 74.1%, random init 71.0%, raw pixels
   94.6%, online classifier 38.1%. (Before the reference-conformance
   changes, 2026-11-29: BYOL 89.9%, random-init 75.8%, raw pixels 93.9%.)
   Deliberate departures from the reference, because LARS tuned for batch 4096 barely moves in
@@ -263,13 +263,10 @@ def get_config(preset='imagenet'):
     # 39.2% for 32 px views (experiments/RESULTS.md). At 24 px a crop of the mean area (0.55)
     # shows objects at about the scale the whole 32 px evaluation image does.
     config.augment.view_size = 24
-    # Sized to the slower of the two 2-core VMs it was measured on. 5,200 steps (7.4 epochs)
-    # took 26m27s on an AMD EPYC VM (240-280 images/s) but 31m50s on an Intel Xeon VM (~210
-    # images/s in training, 26.4 min, plus ~5.5 min of start-up, three kNN monitors, the online
-    # classifier's evaluation and the final kNN with its two baselines). 4,500 steps: 27m31s
-    # and 30m28s (seeds 0 / 1) on the Intel VM, whose speed varies ~10% between runs; 4,200
-    # steps (6.0 epochs) leave that margin: 28m08s (seed 0, 2026-12-05). On the AMD VM ~22 min
-    # estimated, not run.
+    # Sized to the slower of the two 2-core VMs measured (Intel Xeon, ~210 images/s in
+    # training plus ~5.5 min of start-up, kNN monitors and final evaluations), with a margin for
+    # its slow runs: 4,500 steps once took 30m28s there, 4,200 take ~28 min (timings in the
+    # docstring above; AMD EPYC VM ~22 min estimated, not run).
     config.max_steps = 4_200
     config.data.validation_examples = 5_000  # The first 500 images of each class.
     config.data.eval_crop_fraction = 1.0  # Whole 32 px images, as CIFAR peers evaluate.
